@@ -1,0 +1,5 @@
+import sys
+
+from autospa.cli.main import main
+
+sys.exit(main())

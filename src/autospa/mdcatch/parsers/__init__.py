@@ -1,0 +1,1 @@
+"""autospa.mdcatch.parsers"""
