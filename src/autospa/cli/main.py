@@ -19,8 +19,13 @@ from autospa.errors import AutospaError
 SUBCOMMAND_MODULES = (
     "autospa.cli.simulate",
     "autospa.cli.store",  # import / export
+    "autospa.cli.motioncorr",
+    "autospa.cli.ctffind",
+    "autospa.cli.autopick",
+    "autospa.cli.extract",
     "autospa.cli.class2d",
     "autospa.cli.schemer",
+    "autospa.cli.it",
     "autospa.cli.mdcatch",
     "autospa.cli.demo",
 )

@@ -1,0 +1,520 @@
+"""2D classification (RELION's relion_refine for 2D; job type relion.class2d): EM or VDAM on one
+E-step, distributed over the chunks of a particle store.
+
+The driver holds the small model state (references, noise, priors, moments) and, per particle,
+the current class, psi, origin and scores; each iteration it maps the E-step over the chunks
+holding that iteration's particles (:func:`autospa.distributed.map_reduce.run_estep`), applies
+the EM or VDAM update to the reduced statistics, writes RELION's output files when due and a
+checkpoint after every iteration (so ``--continue`` resumes after a kill).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from autospa.data.particle_stack import ParticleStack
+from autospa.distributed.map_reduce import CTF_COLUMNS, ParticleTable, ctf_images, run_estep
+from autospa.errors import InputError
+from autospa.io import refine_files as rf
+from autospa.io.relion_particles import import_particles
+from autospa.io.zarr_store import open_store, read_store_images
+from autospa.refinement import init as rinit
+from autospa.refinement import mstep, schedule
+from autospa.refinement.accuracy import expected_accuracies
+from autospa.refinement.estep import EStepModel, Sampling2D, soft_mask_background
+from autospa.refinement.state import ModelState
+from autospa.refinement.vdam import vdam_update
+from autospa.report.class_gallery import class_gallery_png
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Class2DOptions:
+    """Options of a 2D classification, named after relion_refine's.
+
+    Attributes
+    ----------
+    input
+        A RELION particles.star (stacks resolved as RELION does) or a particle store (``.zarr``).
+    output
+        Output root ``DIR/run``.
+    n_classes
+        --K.
+    n_iter
+        --iter (default 25 for EM, 200 for VDAM).
+    grad
+        --grad: VDAM instead of EM.
+    particle_diameter_a
+        --particle_diameter in Angstrom (default 75% of the box).
+    tau2_fudge
+        --tau2_fudge T (VDAM schedules it from 1 to T).
+    psi_step_deg, offset_range_px, offset_step_px
+        Coarse sampling; the fine pass halves both steps.
+    ctf, zero_mask, center_classes
+        --ctf, --zero_mask (on by default; --no_zero_mask turns it off), --center_classes.
+    class_inactivity_threshold
+        VDAM's inactive-class substitution threshold.
+    grad_write_iter
+        VDAM writes output every this many iterations (and on full passes and the last).
+    mu
+        VDAM's EMA factor for noise, priors and offsets.
+    pad
+        --pad.
+    random_seed
+        --random_seed.
+    adaptive_fraction, maxsig
+        Significance pruning: --adaptive_fraction and --maxsig (0 = no cap).
+    device
+        ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when the worker has it).
+    torch_threads
+        Threads of torch inside each task (0: torch's default).
+    store_chunk
+        Particles per chunk when a STAR file is imported.
+    """
+
+    input: str
+    output: str
+    n_classes: int = 1
+    n_iter: int | None = None
+    grad: bool = False
+    particle_diameter_a: float | None = None
+    tau2_fudge: float = 2.0
+    psi_step_deg: float = 6.0
+    offset_range_px: float = 5.0
+    offset_step_px: float = 1.0
+    ctf: bool = False
+    zero_mask: bool = True
+    center_classes: bool = False
+    class_inactivity_threshold: float = 0.1
+    grad_write_iter: int = 10
+    mu: float = 0.9
+    pad: int = 2
+    random_seed: int = 1
+    adaptive_fraction: float = 0.999
+    maxsig: int = 0
+    device: str = "cpu"
+    torch_threads: int = 0
+    store_chunk: int = 1024
+    command_line: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def iterations(self) -> int:
+        return self.n_iter if self.n_iter is not None else (200 if self.grad else 25)
+
+
+@dataclass
+class IterationInfo:
+    """What the driver reports after each iteration (for progress bars and logs)."""
+
+    iteration: int
+    n_iter: int
+    n_particles: int
+    seconds: float
+    resolution_a: float
+    log_likelihood: float
+    average_pmax: float
+    written: str | None
+
+
+# --------------------------------------------------------------------------------------------
+# input
+
+
+def _input_store(opts: Class2DOptions, out_dir: Path) -> Path:
+    src = Path(opts.input)
+    if not src.exists():
+        raise InputError(src, "input does not exist")
+    if src.is_dir():
+        return src
+    if src.suffix.lower() != ".star":
+        raise InputError(src, "input must be a particles .star file or a particle store (.zarr folder)")
+    store = out_dir / (Path(opts.output).name + "_particles.zarr")
+    if store.exists():
+        try:
+            attrs = open_store(store).dataset.attrs
+        except InputError:
+            attrs = {}
+        if attrs.get("source_star") == str(src) and attrs.get("source_mtime") in (None, src.stat().st_mtime):
+            return store
+    import_particles(src, store, dtype="float32", chunk_size=opts.store_chunk, overwrite=True)
+    return store
+
+
+def particle_table(stack: ParticleStack, use_ctf: bool) -> ParticleTable:
+    """CTF parameters, optics groups and pseudo half-sets of every particle of a store."""
+    meta = stack.metadata
+    optics = stack.optics.copy()
+    n = len(stack)
+    groups_1b = meta["OpticsGroup"].to_numpy(np.int64) if "OpticsGroup" in meta else np.ones(n, np.int64)
+    group_ids = sorted(set(groups_1b.tolist()))
+    group = np.searchsorted(np.array(group_ids), groups_1b).astype(np.int64)
+    pixel = float(stack.pixel_size_a)
+    params = None
+    premult = None
+    if use_ctf:
+        opt = optics.set_index("rlnOpticsGroup") if "rlnOpticsGroup" in optics else optics
+        def col(name: str, default: float) -> np.ndarray:
+            if name in meta:
+                return meta[name].to_numpy(np.float64)
+            label = "rln" + name
+            if label in opt.columns:
+                return opt.loc[groups_1b, label].to_numpy(np.float64)
+            return np.full(n, default)
+        for required in ("DefocusU", "DefocusV"):
+            if required not in meta:
+                raise InputError(stack.store_path or "particles", f"--ctf needs rln{required} for every particle")
+        defaults = {"DefocusAngle": 0.0, "Voltage": 300.0, "SphericalAberration": 2.7, "AmplitudeContrast": 0.1,
+                    "PhaseShift": 0.0, "CtfBfactor": 0.0, "CtfScalefactor": 1.0}
+        params = np.stack([col(c, defaults.get(c, 0.0)) for c in CTF_COLUMNS], 1)
+        pm = np.zeros(n, bool)
+        for label in ("rlnCtfDataAreCtfPremultiplied",):
+            if label in opt.columns:
+                pm |= opt.loc[groups_1b, label].to_numpy().astype(int) == 1
+        premult = pm if pm.any() else None
+    return ParticleTable(ctf_params=params, pixel_size_a=pixel, group=group, half=np.arange(n, dtype=np.int64) % 2,
+                         ctf_premultiplied=premult)
+
+
+def circular_mask(box: int, radius_px: float, edge_px: float = 5.0, device=None) -> torch.Tensor:
+    """RELION's soft particle mask: 1 inside ``radius``, raised cosine out to ``radius + edge``."""
+    c = torch.arange(box, device=device, dtype=torch.float32) - box // 2
+    r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
+    return torch.where(r < radius_px, torch.ones_like(r), torch.where(r > radius_px + edge_px, torch.zeros_like(r),
+                       0.5 + 0.5 * torch.cos(math.pi * (r - radius_px) / edge_px)))
+
+
+def coarse_window(psi_step_deg: float, current_size: int, min_size: int = 10) -> int:
+    """Fourier window of the coarse pass: out to the radius where the coarse psi step moves a
+    pixel by one pixel (an arc of ``psi_step`` at radius r equals 1), at most the current size."""
+    r = 1.0 / math.radians(psi_step_deg)
+    return int(min(current_size, max(min_size, 2 * math.ceil(r))))
+
+
+# --------------------------------------------------------------------------------------------
+# initialisation
+
+
+def _initialise(opts, stack: ParticleStack, store_path: Path, table: ParticleTable, mask: torch.Tensor | None, gen: torch.Generator) -> ModelState:
+    n, box = len(stack), stack.box
+    rng = np.random.default_rng(opts.random_seed)
+    n_groups = int(table.group.max()) + 1
+    sigma2 = torch.zeros(n_groups, box // 2 + 1, dtype=torch.float64)
+    seeds_from = []
+    for g in range(n_groups):
+        members = np.nonzero(table.group == g)[0]
+        pick = np.sort(rng.choice(members, size=min(1000, len(members)), replace=False))
+        imgs = torch.from_numpy(read_store_images(store_path, pick))
+        if mask is not None:
+            imgs = soft_mask_background(imgs, mask)
+        ps, isum, cnt = rinit.power_sums(imgs)
+        sigma2[g] = rinit.initial_sigma2(ps, isum, cnt)
+        seeds_from.append((pick, imgs))
+    pick = np.concatenate([p for p, _ in seeds_from])
+    imgs = torch.cat([i for _, i in seeds_from])
+    ctf = ctf_images(None if table.ctf_params is None else table.ctf_params[pick], len(pick), box, table.pixel_size_a, torch.device("cpu"))
+    k = opts.n_classes
+    seeds = rinit.seed_maps(imgs, ctf, k, sigma2[0].to(torch.float32), gen, pad=opts.pad)
+    diameter_px = _diameter_px(opts, stack)
+    refs = rinit.blob_references(seeds, diameter_px, gen) if opts.grad else seeds
+    tau2 = mstep.tau2_of(refs, opts.pad)
+    dvp = torch.zeros(k, box // 2 + 1, dtype=torch.float64)
+    return ModelState(
+        refs=refs.to(torch.float32),
+        sigma2=sigma2.to(torch.float32),
+        class_prior=torch.full((k,), 1.0 / k, dtype=torch.float64),
+        sigma_offset_a=3.0 * table.pixel_size_a,
+        pixel_size_a=table.pixel_size_a,
+        current_size=mstep.next_current_size(dvp, box),
+        iteration=0,
+        tau2=tau2,
+        data_vs_prior=dvp,
+        completeness=torch.zeros_like(dvp),
+        pad=opts.pad,
+    )
+
+
+def _diameter_px(opts: Class2DOptions, stack: ParticleStack) -> float:
+    if opts.particle_diameter_a is None:
+        return 0.75 * stack.box
+    d = opts.particle_diameter_a / float(stack.pixel_size_a)
+    if d <= 2 or d > 2 * stack.box:
+        raise InputError(opts.input, f"--particle_diameter {opts.particle_diameter_a} A is {d:.1f} px for a box of {stack.box} px")
+    return min(d, stack.box - 2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# outputs
+
+
+def _model_star(root: Path, state: ModelState, opts: Class2DOptions, stack: ParticleStack, table: ParticleTable,
+                acc_rot: np.ndarray, acc_trans_a: np.ndarray, tau2_fudge_now: float, moment_names) -> Path:
+    box, pix, k = state.box, state.pixel_size_a, state.n_classes
+    n_shells = box // 2 + 1
+    dvp = state.data_vs_prior.cpu().numpy()
+    res_shell = mstep.resolution_shell(state.data_vs_prior).cpu().numpy()
+    est_res = np.where(res_shell > 0, box * pix / np.maximum(res_shell, 1), 999.0)
+    completeness = state.completeness.cpu().numpy()
+    overall = [float(completeness[c, 1 : max(2, state.current_size // 2 + 1)].mean()) for c in range(k)]
+    pi = state.class_prior.cpu().numpy()
+    classes = pd.DataFrame({
+        "rlnReferenceImage": [f"{c + 1:06d}@{root.name}_classes.mrcs" for c in range(k)],
+        "rlnClassDistribution": pi,
+        "rlnAccuracyRotations": np.where(pi < 0.01, 999.0, acc_rot),
+        "rlnAccuracyTranslationsAngst": np.where(pi < 0.01, 999.0, acc_trans_a),
+        "rlnEstimatedResolution": est_res,
+        "rlnOverallFourierCompleteness": overall,
+        "rlnClassPriorOffsetX": np.zeros(k),
+        "rlnClassPriorOffsetY": np.zeros(k),
+    })
+    if moment_names is not None:
+        classes.insert(1, "rlnGradMoment1", [f"{c + 1:06d}@{moment_names[0]}" for c in range(k)])
+        classes.insert(2, "rlnGradMoment2", [f"{c + 1:06d}@{moment_names[1]}" for c in range(k)])
+    cur_res = float(box * pix / max(1, int(res_shell.max())))
+    general = {
+        "rlnReferenceDimensionality": 2, "rlnDataDimensionality": 2, "rlnOriginalImageSize": box,
+        "rlnCurrentResolution": cur_res, "rlnCurrentImageSize": state.current_size, "rlnPaddingFactor": float(state.pad),
+        "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
+        "rlnPixelSize": pix, "rlnNrClasses": k, "rlnNrBodies": 1, "rlnNrGroups": int(table.group.max()) + 1,
+        "rlnNrOpticsGroups": int(table.group.max()) + 1, "rlnTau2FudgeFactor": float(tau2_fudge_now),
+        "rlnNormCorrectionAverage": 1.0, "rlnSigmaOffsetsAngst": float(state.sigma_offset_a),
+        "rlnOrientationalPriorMode": 0, "rlnSigmaPriorRotAngle": 0.0, "rlnSigmaPriorTiltAngle": 0.0,
+        "rlnSigmaPriorPsiAngle": 0.0, "rlnLogLikelihood": float(state.log_likelihood), "rlnAveragePmax": float(state.average_pmax),
+    }
+    rescols = rf.resolution_columns(n_shells, box, pix)
+    tau2 = state.tau2.cpu().numpy()
+    spectra = []
+    for c in range(k):
+        spectra.append(rf.spectral_table({**rescols, "rlnSsnrMap": dvp[c], "rlnGoldStandardFsc": np.zeros(n_shells),
+                                          "rlnFourierCompleteness": completeness[c], "rlnReferenceSigma2": state.sigma2[0].cpu().numpy(),
+                                          "rlnReferenceTau2": tau2[c]}))
+    n_groups = int(table.group.max()) + 1
+    counts = np.bincount(table.group, minlength=n_groups)
+    optics = stack.optics
+    names = optics["rlnOpticsGroupName"].tolist() if "rlnOpticsGroupName" in optics else [f"opticsGroup{g + 1}" for g in range(n_groups)]
+    groups = pd.DataFrame({"rlnGroupNumber": np.arange(1, n_groups + 1), "rlnGroupName": names[:n_groups],
+                           "rlnGroupNrParticles": counts, "rlnGroupScaleCorrection": np.ones(n_groups)})
+    noise = []
+    for g in range(n_groups):
+        s2 = state.sigma2[g].cpu().numpy()
+        keep = s2 > 0
+        noise.append(rf.spectral_table({"rlnSpectralIndex": rescols["rlnSpectralIndex"][keep],
+                                        "rlnResolution": rescols["rlnResolution"][keep], "rlnSigma2Noise": s2[keep]}))
+    return rf.write_model_star(Path(f"{root}_model.star"), general, classes, spectra, groups, noise)
+
+
+def _data_star(root: Path, stack: ParticleStack, pp: dict, pixel: float) -> Path:
+    optics, particles = stack.star_tables()
+    particles = particles.copy()
+    particles["rlnClassNumber"] = pp["class_index"] + 1
+    particles["rlnAnglePsi"] = pp["psi_deg"].astype(np.float64)
+    for lab in ("rlnAngleRot", "rlnAngleTilt"):
+        if lab not in particles:
+            particles[lab] = 0.0
+    particles["rlnOriginXAngst"] = pp["origin_px"][:, 0].astype(np.float64) * pixel
+    particles["rlnOriginYAngst"] = pp["origin_px"][:, 1].astype(np.float64) * pixel
+    particles["rlnLogLikeliContribution"] = pp["log_likelihood"].astype(np.float64)
+    particles["rlnMaxValueProbDistribution"] = pp["max_posterior"].astype(np.float64)
+    particles["rlnNrOfSignificantSamples"] = pp["n_significant"].astype(np.int64)
+    if "rlnNormCorrection" not in particles:
+        particles["rlnNormCorrection"] = 1.0
+    particles["rlnGroupNumber"] = pp["group"] + 1
+    return rf.write_data_star(Path(f"{root}_data.star"), optics, particles)
+
+
+def _write_iteration(root: Path, it: int, state: ModelState, opts: Class2DOptions, stack: ParticleStack, table: ParticleTable,
+                     pp: dict, tau2_fudge_now: float, step_now: float, subset: int) -> None:
+    pix = state.pixel_size_a
+    rf.write_classes(Path(f"{root}_classes.mrcs"), state.refs.cpu().numpy(), pix)
+    moment_names = None
+    if state.moment1 is not None:
+        moment_names = rf.write_moments(root, state.moment1, state.moment2, pix)
+    # expected accuracies from the first 10 particles (RELION)
+    first = np.arange(min(10, len(stack)))
+    ctf = ctf_images(None if table.ctf_params is None else table.ctf_params[first], len(first), state.box, pix, torch.device("cpu"))
+    sig = state.sigma2[torch.as_tensor(table.group[first])]
+    rot, trans = expected_accuracies(mstep.reference_ft(state.refs, state.pad), ctf, sig, state.current_size, state.pad)
+    _model_star(root, state, opts, stack, table, rot.numpy(), trans.numpy() * pix, tau2_fudge_now, moment_names)
+    _data_star(root, stack, pp, pix)
+    rf.write_general_star(Path(f"{root}_sampling.star"), "sampling_general", {
+        "rlnIs3DSampling": 0, "rlnIs3DTranslationalSampling": 0, "rlnPsiStep": opts.psi_step_deg,
+        "rlnOffsetRange": opts.offset_range_px * pix, "rlnOffsetStep": opts.offset_step_px * pix,
+        "rlnHelicalOffsetStep": -1.0, "rlnSamplingPerturbInstance": 0.0, "rlnSamplingPerturbFactor": 0.5,
+        "rlnPsiStepOriginal": opts.psi_step_deg, "rlnOffsetRangeOriginal": opts.offset_range_px * pix,
+        "rlnOffsetStepOriginal": opts.offset_step_px * pix})
+    out_root = Path(opts.output)
+    rf.write_general_star(Path(f"{root}_optimiser.star"), "optimiser_general", {
+        "rlnOutputRootName": str(out_root), "rlnModelStarFile": f"{root}_model.star",
+        "rlnExperimentalDataStarFile": f"{root}_data.star", "rlnOrientSamplingStarFile": f"{root}_sampling.star",
+        "rlnCurrentIteration": it, "rlnNumberOfIterations": opts.iterations, "rlnAdaptiveOversampleFraction": opts.adaptive_fraction,
+        "rlnAdaptiveOversampleOrder": 1, "rlnParticleDiameter": float(opts.particle_diameter_a or 0.75 * stack.box * pix),
+        "rlnDoCorrectCtf": int(opts.ctf), "rlnDoZeroMask": int(opts.zero_mask), "rlnDoSolventFlattening": 1,
+        "rlnDoCenterClasses": int(opts.center_classes), "rlnRandomSeed": opts.random_seed, "rlnTau2FudgeFactor": tau2_fudge_now,
+        "rlnDoGradientRefine": int(opts.grad), "rlnDoStochasticGradientDescent": int(opts.grad),
+        "rlnGradCurrentStepsize": step_now, "rlnSgdSubsetSize": subset, "rlnSgdMuFactor": opts.mu,
+        "rlnSgdClassInactivityThreshold": opts.class_inactivity_threshold, "rlnSgdWriteEverySubset": opts.grad_write_iter,
+        "rlnMaximumSignificantPoses": opts.maxsig, "rlnHasConverged": int(it >= opts.iterations),
+    }, command_line=opts.command_line or None)
+    order = np.argsort(-state.class_prior.cpu().numpy(), kind="stable")
+    res_shell = mstep.resolution_shell(state.data_vs_prior).cpu().numpy()
+    png = class_gallery_png(state.refs.cpu().numpy(), state.class_prior.cpu().numpy(),
+                            np.where(res_shell > 0, state.box * pix / np.maximum(res_shell, 1), 999.0), order=order,
+                            title=f"{root.name}: {state.n_classes} classes")
+    rf.write_png(Path(f"{root}_classes.png"), png)
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+def _per_particle_init(stack: ParticleStack, table: ParticleTable) -> dict:
+    meta = stack.metadata
+    n = len(stack)
+    pix = table.pixel_size_a
+    ox = meta["OriginXAngst"].to_numpy(np.float64) / pix if "OriginXAngst" in meta else np.zeros(n)
+    oy = meta["OriginYAngst"].to_numpy(np.float64) / pix if "OriginYAngst" in meta else np.zeros(n)
+    psi = meta["AnglePsi"].to_numpy(np.float32) if "AnglePsi" in meta else np.zeros(n, np.float32)
+    return {
+        "class_index": np.zeros(n, np.int64), "psi_deg": psi, "origin_px": np.stack([ox, oy], 1).astype(np.float32),
+        "max_posterior": np.zeros(n, np.float32), "n_significant": np.zeros(n, np.int64),
+        "log_likelihood": np.zeros(n, np.float32), "group": table.group.copy(),
+    }
+
+
+def run_class2d(
+    opts: Class2DOptions,
+    client=None,
+    continue_: bool = False,
+    progress: Callable[[IterationInfo], None] | None = None,
+    stop_after: int | None = None,
+) -> dict:
+    """Run (or continue) a 2D classification.
+
+    Parameters
+    ----------
+    opts
+        The options.
+    client
+        A dask client (None: tasks run in this process).
+    continue_
+        Resume from ``<output>_checkpoint.pt``; options given in ``opts`` replace the stored ones
+        only for the number of iterations (``--iter``).
+    progress
+        Called after every iteration.
+    stop_after
+        Stop after this iteration (tests; the checkpoint is left as after a kill).
+
+    Returns
+    -------
+    dict
+        ``{"iteration", "root", "state", "particles", "store"}`` of the last iteration.
+    """
+    out_root = Path(opts.output)
+    out_dir = out_root.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / f"{out_root.name}_checkpoint.pt"
+    if continue_:
+        ck = rf.load_checkpoint(ckpt_path)
+        stored = Class2DOptions(**ck["options"])
+        if opts.n_iter is not None:
+            stored.n_iter = opts.n_iter
+        stored.device, stored.torch_threads = opts.device, opts.torch_threads
+        opts = stored
+    store_path = _input_store(opts, out_dir) if not continue_ else Path(ck["store"])
+    stack = open_store(store_path)
+    table = particle_table(stack, opts.ctf)
+    n, box = len(stack), stack.box
+    if opts.n_classes < 1:
+        raise InputError(opts.input, f"--K must be at least 1 (got {opts.n_classes})")
+    diameter_px = _diameter_px(opts, stack)
+    mask = circular_mask(box, diameter_px / 2) if opts.zero_mask else None
+    gen = torch.Generator().manual_seed(opts.random_seed)
+    if continue_:
+        if ck.get("n_particles") != n or ck.get("box") != box:
+            raise InputError(ckpt_path, "checkpoint does not match the particle store (different particles or box)")
+        state = ModelState.from_dict(ck["state"])
+        pp = ck["particles"]
+        it0 = ck["iteration"]
+        gen.set_state(ck["torch_rng"])
+    else:
+        state = _initialise(opts, stack, store_path, table, mask, gen)
+        pp = _per_particle_init(stack, table)
+        it0 = 0
+        root0 = rf.iteration_root(out_root, 0)
+        rf.write_classes(Path(f"{root0}_classes.mrcs"), state.refs.numpy(), state.pixel_size_a)
+        _save(ckpt_path, opts, store_path, n, box, state, pp, 0, gen)
+    n_iter = opts.iterations
+    ph = schedule.phases(n_iter)
+    s_ini, s_fin = schedule.subset_sizes(n, "2d")
+    chunk_bounds = stack.chunk_bounds()
+    root = None
+    for it in range(it0 + 1, n_iter + 1):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(opts.random_seed * 100003 + it)
+        if opts.grad:
+            size = schedule.subset_size(it, ph, n, s_ini, s_fin, opts.n_classes)
+            subset = np.sort(rng.permutation(n)[:size]) if size < n else np.arange(n)
+            step = schedule.step_size(it, ph, final=0.3)
+            t2f = schedule.tau2_fudge(it, ph, final=opts.tau2_fudge)
+        else:
+            subset, step, t2f = np.arange(n), 1.0, opts.tau2_fudge
+        full = len(subset) == n
+        perturb = float(rng.uniform(-0.5, 0.5))
+        # RELION's significance cap: --maxsig, else 5 K during gradient iterations, none in EM
+        maxsig = opts.maxsig if opts.maxsig > 0 else (5 * opts.n_classes if opts.grad else 0)
+        sampling = Sampling2D(opts.psi_step_deg, opts.offset_range_px, opts.offset_step_px, perturb,
+                              opts.adaptive_fraction, maxsig)
+        log_prior = torch.where(state.class_prior > 0, torch.log(state.class_prior.clamp_min(1e-300)),
+                                torch.full_like(state.class_prior, -torch.inf)).to(torch.float32)
+        model = EStepModel(
+            ref_ft=mstep.reference_ft(state.refs, state.pad), sigma2=state.sigma2, log_class_prior=log_prior,
+            sigma_offset_px=state.sigma_offset_a / state.pixel_size_a, current_size=state.current_size,
+            coarse_size=coarse_window(opts.psi_step_deg, state.current_size), pad=state.pad)
+        stats, res = run_estep(client, str(store_path), chunk_bounds, subset, pp["origin_px"], table, model, sampling, mask,
+                               device=opts.device, torch_threads=opts.torch_threads)
+        idx = res["index"]
+        for key in ("class_index", "psi_deg", "origin_px", "max_posterior", "n_significant", "log_likelihood"):
+            pp[key][idx] = res[key]
+        if opts.grad:
+            in_between = ph.n_ini <= it < ph.n_ini + ph.n_between
+            # [paper != code] RELION's last full pass is an ordinary VDAM iteration with mu = 0.
+            state, _info = vdam_update(state, stats, step, t2f, 0.0 if full else opts.mu, diameter_px / 2,
+                                       center=opts.center_classes, inactivity_threshold=opts.class_inactivity_threshold,
+                                       allow_replacement=in_between)
+        else:
+            state = mstep.em_update(state, stats, opts.tau2_fudge, diameter_px / 2, center=opts.center_classes)
+        write = (not opts.grad) or full or it % opts.grad_write_iter == 0 or it == n_iter
+        root = None
+        if write:
+            root = rf.iteration_root(out_root, it)
+            _write_iteration(root, it, state, opts, stack, table, pp, t2f, step, len(subset))
+        _save(ckpt_path, opts, store_path, n, box, state, pp, it, gen)
+        if progress is not None:
+            res_shell = int(mstep.resolution_shell(state.data_vs_prior).max())
+            progress(IterationInfo(it, n_iter, len(subset), time.perf_counter() - t0, box * state.pixel_size_a / max(res_shell, 1),
+                                   float(state.log_likelihood), float(state.average_pmax), None if root is None else str(root)))
+        if stop_after is not None and it >= stop_after:
+            break
+    return {"iteration": state.iteration, "root": root, "state": state, "particles": pp, "store": store_path}
+
+
+def _save(path: Path, opts, store_path, n, box, state: ModelState, pp: dict, it: int, gen: torch.Generator) -> None:
+    rf.save_checkpoint(path, {
+        "version": CHECKPOINT_VERSION, "options": asdict(opts), "store": str(store_path), "n_particles": n, "box": box,
+        "state": state.to_dict(), "particles": pp, "iteration": it, "torch_rng": gen.get_state(),
+    })
+
+
+__all__ = ["Class2DOptions", "IterationInfo", "circular_mask", "coarse_window", "particle_table", "run_class2d"]
