@@ -27,6 +27,7 @@ from autospa.errors import InputError
 from autospa.io import refine_files as rf
 from autospa.io.relion_particles import import_particles
 from autospa.io.zarr_store import open_store, read_store_images
+from autospa.jobs.registry import check_abort, option_bool, option_float, option_int, register_job, resolve_path, succeed
 from autospa.refinement import init as rinit
 from autospa.refinement import mstep, schedule
 from autospa.refinement.accuracy import expected_accuracies
@@ -515,6 +516,42 @@ def _save(path: Path, opts, store_path, n, box, state: ModelState, pp: dict, it:
         "version": CHECKPOINT_VERSION, "options": asdict(opts), "store": str(store_path), "n_particles": n, "box": box,
         "state": state.to_dict(), "particles": pp, "iteration": it, "torch_rng": gen.get_state(),
     })
+
+
+def options_from_job(job_dir: Path, options: dict[str, str]) -> Class2DOptions:
+    """Class2DOptions from a relion.class2d job.star (RELION's GUI option names)."""
+    grad = option_bool(options, "do_grad", False) and not option_bool(options, "do_em", False)
+    return Class2DOptions(
+        input=str(resolve_path(job_dir, options.get("fn_img", ""))),
+        output=str(Path(job_dir) / "run"),
+        n_classes=option_int(options, "nr_classes", 1),
+        n_iter=option_int(options, "nr_iter_grad", 200) if grad else option_int(options, "nr_iter_em", 25),
+        grad=grad,
+        particle_diameter_a=option_float(options, "particle_diameter", 200.0),
+        tau2_fudge=option_float(options, "tau_fudge", 2.0),
+        psi_step_deg=option_float(options, "psi_sampling", 6.0),
+        offset_range_px=option_float(options, "offset_range", 5.0),
+        offset_step_px=option_float(options, "offset_step", 1.0),
+        ctf=option_bool(options, "do_ctf_correction", True),
+        zero_mask=option_bool(options, "do_zero_mask", True),
+        center_classes=option_bool(options, "do_center", True),
+    )
+
+
+@register_job("relion.class2d")
+def job_class2d(job_dir: Path, options: dict[str, str], continue_: bool) -> None:
+    """Registry entry (schemes): run 2D classification in the job directory, resuming a checkpoint."""
+    opts = options_from_job(Path(job_dir), options)
+    from distributed import default_client
+
+    try:
+        client = default_client()
+    except ValueError:
+        client = None
+    ckpt = Path(job_dir) / "run_checkpoint.pt"
+    run_class2d(opts, client=client, continue_=continue_ and ckpt.exists(),
+                progress=lambda info: check_abort(job_dir))
+    succeed(job_dir)
 
 
 __all__ = ["Class2DOptions", "IterationInfo", "circular_mask", "coarse_window", "particle_table", "run_class2d"]

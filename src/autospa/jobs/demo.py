@@ -68,17 +68,15 @@ def score_against_truth(truth, classes: np.ndarray, psi_deg: np.ndarray, origin_
         d = np.deg2rad((t_psi[good] - psi_deg[good]) % 360)
         mean = np.arctan2(np.sin(d).mean(), np.cos(d).mean())
         psi_err.append(np.abs(np.rad2deg((d - mean + np.pi) % (2 * np.pi) - np.pi)))
-        # origins: est = R(dpsi) applied... compare after removing the mean offset in the class frame
-        dpsi = mean
-        c, s = np.cos(dpsi), np.sin(dpsi)
-        rot = np.array([[c, -s], [s, c]])
-        est = origin_px[good]
-        tr = t_org[good]
+        # origins: with class average A = R(a) T + s, a particle's estimate is
+        # o_est = o_true + R(psi_est) s, so R(psi_est)^T (o_est - o_true) is constant per class
+        diff = origin_px[good] - t_org[good]
+        ang = np.deg2rad(psi_deg[good])
         best = None
-        for r in (rot, rot.T):
-            resid = tr - est @ r.T
-            resid = resid - np.median(resid, 0)
-            e = np.linalg.norm(resid, axis=1)
+        for sign in (1.0, -1.0):
+            c, s_ = np.cos(sign * ang), np.sin(sign * ang)
+            local = np.stack([c * diff[:, 0] + s_ * diff[:, 1], -s_ * diff[:, 0] + c * diff[:, 1]], 1)
+            e = np.linalg.norm(local - np.median(local, 0), axis=1)
             if best is None or np.median(e) < np.median(best):
                 best = e
         sh_err.append(best)

@@ -1,0 +1,155 @@
+"""The 2D likelihood engine: E-step invariants and accuracy, EM/VDAM equivalence, dask map-reduce."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from autospa.distributed.map_reduce import ParticleTable, run_estep
+from autospa.io.zarr_store import write_store
+from autospa.jobs.class2d import circular_mask
+from autospa.numerics import slice2d
+from autospa.numerics.ctf import ctf_2d
+from autospa.refinement import estep as es
+from autospa.refinement import init as rinit
+from autospa.refinement import mstep
+from autospa.refinement.state import ModelState
+from autospa.refinement.vdam import vdam_update
+from autospa.simulate.particles import simulate_2d_classes
+
+BOX, PIX = 64, 3.0
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return simulate_2d_classes(n=200, n_classes=3, box=BOX, pixel_size_a=PIX, snr=0.1, seed=3, shift_sigma_px=1.5,
+                               max_shift_px=3.0, return_clean=True)
+
+
+def _ctf(truth):
+    return ctf_2d(torch.tensor(truth.rlnDefocusU.values), torch.tensor(truth.rlnDefocusV.values),
+                  torch.tensor(truth.rlnDefocusAngle.values), 300.0, 2.7, 0.1, PIX, BOX)
+
+
+def _true_model(sim, mask, current_size=BOX, coarse=16):
+    ps, isum, n = rinit.power_sums(es.soft_mask_background(sim.images, mask))
+    s2 = rinit.initial_sigma2(ps, isum, n)
+    refs = sim.templates * (sim.clean.std() / sim.templates.std())
+    k = refs.shape[0]
+    return refs, es.EStepModel(mstep.reference_ft(refs, 2), s2[None].float(), torch.full((k,), -math.log(k)),
+                               2.0, current_size, coarse, 2)
+
+
+def _batch(sim):
+    n = len(sim.truth)
+    return es.ParticleBatch(sim.images, _ctf(sim.truth), torch.zeros(n, 2), torch.zeros(n, dtype=torch.long),
+                            torch.arange(n) % 2)
+
+
+def test_rotation_gather_scatter_are_adjoint():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 32, 32, generator=g, dtype=torch.complex64)
+    psi = torch.tensor([0.0, 17.0, 123.5])
+    freqs, _ = es.rfft_frequencies(16)
+    st = slice2d.interpolation_stencil(psi, freqs[es.window_indices(16, 16)], 16, 2)
+    v = torch.randn(2, 3, st.index.shape[1], generator=g, dtype=torch.complex64)
+    lhs = (slice2d.rotate_gather(ref, st) * v.conj()).sum()
+    rhs = (ref * slice2d.rotate_scatter(v, st).conj()).sum()
+    assert abs(lhs - rhs) / abs(lhs) < 1e-5
+
+
+def test_row_threshold_keeps_the_requested_mass():
+    w = torch.tensor([[0.5, 0.3, 0.15, 0.05], [1.0, 0.0, 0.0, 0.0]])
+    thr = es.row_threshold(w, 0.9)
+    assert torch.equal(thr, torch.tensor([0.15, 1.0]))
+    assert torch.equal(es.row_threshold(w, 0.999, cap=2), torch.tensor([0.3, 1.0]))
+
+
+def test_estep_finds_true_poses_and_posteriors_sum_to_one(sim):
+    mask = circular_mask(BOX, 25)
+    _, model = _true_model(sim, mask)
+    stats, res = es.expectation_2d(_batch(sim), model, es.Sampling2D(), mask)
+    n = len(sim.truth)
+    # posteriors of every particle sum to one: class weights and offset weights total n
+    assert float(stats.class_weight.sum()) == pytest.approx(n, rel=1e-4)
+    assert float(stats.offset_weight) == pytest.approx(n, rel=1e-4)
+    truth = sim.truth
+    assert (res.class_index.numpy() + 1 == truth.rlnClassNumber.values).mean() >= 0.95
+    dpsi = (res.psi_deg.numpy() - truth.rlnAnglePsi.values + 180) % 360 - 180
+    assert np.median(np.abs(dpsi)) <= 3.0
+    true_org = np.stack([truth.rlnOriginXAngst.values, truth.rlnOriginYAngst.values], 1) / PIX
+    assert np.median(np.linalg.norm(res.origin_px.numpy() - true_org, axis=1)) <= 1.0
+    assert bool((res.max_posterior > 0).all()) and bool((res.max_posterior <= 1 + 1e-6).all())
+
+
+def test_dense_and_entrywise_fine_passes_agree(sim, monkeypatch):
+    mask = circular_mask(BOX, 25)
+    _, model = _true_model(sim, mask, current_size=32)
+    batch = _batch(sim)
+    out = []
+    for density in (0.0, 2.0):  # 0: GEMM path always, 2: entry path always
+        monkeypatch.setattr(es, "DENSE_FINE_DENSITY", density)
+        out.append(es.expectation_2d(batch, model, es.Sampling2D(max_significants=15), mask))
+    (s0, r0), (s1, r1) = out
+    for f in ("data", "weight", "class_weight", "noise_power", "offset_sq", "log_likelihood"):
+        a, b = getattr(s0, f), getattr(s1, f)
+        assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()), f
+    assert torch.equal(r0.class_index, r1.class_index) and torch.equal(r0.psi_deg, r1.psi_deg)
+
+
+def test_statistics_are_additive_over_any_partition(sim):
+    mask = circular_mask(BOX, 25)
+    _, model = _true_model(sim, mask, current_size=32)
+    batch = _batch(sim)
+    whole, _ = es.expectation_2d(batch, model, es.Sampling2D(), mask, chunk_particles=200)
+    parts, _ = es.expectation_2d(batch, model, es.Sampling2D(), mask, chunk_particles=37)
+    assert float((whole.data - parts.data).abs().max()) <= 1e-4 * float(whole.data.abs().max())
+    assert float((whole.noise_power - parts.noise_power).abs().max()) <= 1e-6 * float(whole.noise_power.abs().max())
+
+
+def test_vdam_full_batch_step_one_equals_unregularised_em(sim):
+    mask = circular_mask(BOX, 25)
+    refs, model = _true_model(sim, mask, current_size=BOX)
+    stats, _ = es.expectation_2d(_batch(sim), model, es.Sampling2D(), mask)
+    k = refs.shape[0]
+    state = ModelState(refs=refs, sigma2=model.sigma2, class_prior=torch.full((k,), 1.0 / k, dtype=torch.float64),
+                       sigma_offset_a=2.0 * PIX, pixel_size_a=PIX, current_size=BOX)
+    # EM without a prior (T -> infinity) and VDAM with step 1 and FSC 1 on the same statistics
+    em = mstep.em_update(state, stats, tau2_fudge=1e12, mask_radius_px=None)
+    vd, _ = vdam_update(state, stats, step=1.0, tau2_fudge=1.0, mu=0.0, mask_radius_px=None, fsc_override=1.0,
+                        damp_small_classes=False)
+    # they agree where the summed weights are at least 1 (VDAM rescales by max(F, 1))
+    w = stats.weight.sum(0)
+    assert float(w[:, w.shape[-1] // 2, w.shape[-1] // 2 + 8].min()) > 1
+    corr = torch.nn.functional.cosine_similarity(em.refs.reshape(k, -1), vd.refs.reshape(k, -1))
+    assert float(corr.min()) > 0.999
+
+
+def test_map_reduce_same_result_in_process_and_on_a_cluster(sim, tmp_path):
+    from distributed import Client, LocalCluster
+
+    store = tmp_path / "p.zarr"
+    n = len(sim.truth)
+    import pandas as pd
+
+    meta = pd.DataFrame({"rlnOpticsGroup": np.ones(n, int), "rlnImageName": [f"{i + 1}@x.mrcs" for i in range(n)]})
+    write_store(store, [sim.images.numpy()], meta, optics=sim.optics, chunk_size=64, dtype="float32")
+    mask = circular_mask(BOX, 25)
+    _, model = _true_model(sim, mask, current_size=32)
+    cols = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]
+    params = np.concatenate([sim.truth[cols].to_numpy(), np.tile([300.0, 2.7, 0.1, 0.0, 0.0, 1.0], (n, 1))], 1)
+    table = ParticleTable(params, PIX, np.zeros(n, np.int64), np.arange(n) % 2)
+    bounds = [(s, min(n, s + 64)) for s in range(0, n, 64)]
+    subset = np.arange(0, n, 2)
+    origins = np.zeros((n, 2), np.float32)
+    ref_stats, ref_res = run_estep(None, str(store), bounds, subset, origins, table, model, es.Sampling2D(), mask)
+    for workers in (1, 2):
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None) as cl, Client(cl) as c:
+            st, res = run_estep(c, str(store), bounds, subset, origins, table, model, es.Sampling2D(), mask)
+        assert np.array_equal(res["index"], subset)
+        assert np.array_equal(res["class_index"], ref_res["class_index"])
+        assert float((st.data - ref_stats.data).abs().max()) <= 1e-4 * float(ref_stats.data.abs().max())
+        assert float(st.class_weight.sum()) == pytest.approx(len(subset), rel=1e-4)
