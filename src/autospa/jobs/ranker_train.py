@@ -1,0 +1,264 @@
+"""Training the class ranker on simulated 2D classification jobs (L5): ``autospa ranker train``.
+
+The network of RELION-4.0's ``relion_class_ranker`` was trained on 233 real 2D jobs with human
+scores (EMPIAR-10812). We have no such labels, so the corpus is made the same way from the
+simulator's truth instead of a human:
+
+1. :func:`corpus_specs` draws many small jobs of varied quality: SNR (log-uniform), fraction and
+   kinds of junk (empty ice, aggregates, broken particles, carbon edges), 1 to 4 structures mixed,
+   too few particles for the number of classes, and a wrong box (particles larger than the box);
+2. :func:`make_corpus_job` simulates each job, runs our own 2D classification (VDAM, the same code
+   path as ``autospa class2d --grad``) and keeps its last-iteration outputs plus the truth;
+3. :func:`corpus_examples` computes, for every class of every job, the network inputs (the 24
+   features of :mod:`autospa.ranker.features` and the 64 x 64 image) and the target score made the
+   paper's way (:mod:`autospa.ranker.targets`: a job score, a per-class quality category and a
+   resolution term, all from the truth);
+4. :func:`train_ranker` splits by job (never by class), trains with RELION's recipe (MSE, Adam
+   lr 5e-5 / weight decay 5e-4, rotation + flip augmentation, granulometry features zeroed) and
+   calibrates the default selection threshold on the validation jobs (particle FPR/FNR against
+   the simulator's truth).
+
+One command reproduces all of it: ``autospa ranker train --corpus DIR --o weights.ckpt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autospa.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Junk kinds of the simulator.
+JUNK_KINDS = ("empty_ice", "aggregate", "partial", "carbon_edge")
+
+
+@dataclass(frozen=True)
+class CorpusJobSpec:
+    """One simulated 2D classification job of the training corpus.
+
+    Attributes
+    ----------
+    name
+        Folder name (``job0007``).
+    seed
+        Seed of the simulation and of the classification.
+    n_particles, n_structures, n_classes
+        Particles simulated, distinct structures among them, classes asked of class2d (K).
+    box, pixel_size_a
+        Image size in pixels and pixel size in Angstrom.
+    snr
+        Simulator SNR.
+    junk_fraction, junk_kinds
+        Share and kinds of junk images.
+    particle_scale
+        1 for a normal extraction (particle diameter about 0.56 box); > 1 makes the particles
+        larger than the box ("wrong box": cut off at the edges).
+    n_iter
+        VDAM mini-batches.
+    diameter_a
+        Mask diameter given to class2d.
+    """
+
+    name: str
+    seed: int
+    n_particles: int
+    n_structures: int
+    n_classes: int
+    box: int
+    pixel_size_a: float
+    snr: float
+    junk_fraction: float
+    junk_kinds: tuple[str, ...]
+    particle_scale: float
+    n_iter: int
+    diameter_a: float
+
+
+def corpus_specs(n_jobs: int, seed: int = 0, first_index: int = 0) -> list[CorpusJobSpec]:
+    """``n_jobs`` varied job specifications (deterministic for a seed).
+
+    Parameters
+    ----------
+    n_jobs
+        Number of jobs.
+    seed
+        Seed of the draws.
+    first_index
+        Index of the first job (names ``job{index:04d}``; seeds follow the index, so a larger
+        corpus with the same ``seed`` extends a smaller one).
+    """
+    specs = []
+    for j in range(first_index, first_index + n_jobs):
+        rng = np.random.default_rng([seed, j])
+        box = int(rng.choice([48, 48, 48, 48, 64]))
+        pixel = float(rng.uniform(3.0, 4.2))
+        kind = rng.random()
+        n_particles = int(rng.choice([300, 400, 500]))
+        if kind < 0.12:  # too few particles for the number of classes
+            n_particles = int(rng.choice([100, 150]))
+        n_structures = int(rng.integers(1, 5))
+        n_classes = int(rng.integers(max(6, n_structures + 2), 11))
+        snr = float(math.exp(rng.uniform(math.log(0.008), math.log(0.3))))
+        junk = float(rng.choice([0.0, rng.uniform(0.05, 0.35), rng.uniform(0.3, 0.7)], p=[0.2, 0.5, 0.3]))
+        n_kinds = int(rng.integers(1, 5))
+        kinds = tuple(sorted(rng.choice(JUNK_KINDS, size=n_kinds, replace=False).tolist()))
+        scale = 1.0 if rng.random() > 0.12 else float(rng.uniform(1.4, 1.8))
+        n_iter = int(rng.integers(20, 26))
+        diameter = float(0.8 * box * pixel)
+        specs.append(CorpusJobSpec(f"job{j:04d}", int(seed * 100000 + j), n_particles, n_structures, n_classes, box, pixel,
+                                   snr, junk, kinds if junk > 0 else (), scale, n_iter, diameter))
+    return specs
+
+
+def simulate_job(spec: CorpusJobSpec, device: str | torch.device | None = None):
+    """The simulated particle set of a corpus job.
+
+    Returns
+    -------
+    SimulatedParticles
+        As :func:`autospa.simulate.particles.simulate_2d_classes` (``templates`` are the true 2D
+        classes cut to the box, also when the particles are larger than the box).
+    """
+    from autospa.simulate.particles import simulate_2d_classes
+
+    kinds = spec.junk_kinds or JUNK_KINDS
+    if spec.particle_scale == 1.0:
+        return simulate_2d_classes(n=spec.n_particles, n_classes=spec.n_structures, box=spec.box, pixel_size_a=spec.pixel_size_a,
+                                   snr=spec.snr, seed=spec.seed, junk_fraction=spec.junk_fraction, junk_kinds=kinds,
+                                   shift_sigma_px=1.5, max_shift_px=4.0, device=device)
+    from autospa.conventions import euler_to_matrix
+    from autospa.numerics.projection import project_real
+    from autospa.simulate.particles import SimulatedParticles, particle_optics, simulate_particles
+    from autospa.simulate.phantoms import phantom_set
+
+    big = 2 * int(round(spec.box * spec.particle_scale / 2))
+    vols = phantom_set(spec.n_structures, 1, box=big, pixel_size_a=spec.pixel_size_a, seed=spec.seed, device=device)
+    view = (0.0, 90.0)
+    images, truth = simulate_particles(vols, spec.n_particles, spec.pixel_size_a, box=spec.box, snr=spec.snr, seed=spec.seed,
+                                       orientation=np.asarray([view]), shift_sigma_px=1.5, max_shift_px=4.0,
+                                       junk_fraction=spec.junk_fraction, junk_kinds=kinds)[:2]
+    rot = euler_to_matrix(torch.tensor([view[0]]), torch.tensor([view[1]]), torch.tensor([0.0])).to(vols[0].device, torch.float32)
+    o = big // 2 - spec.box // 2
+    templates = torch.stack([project_real(v, rot)[0][o:o + spec.box, o:o + spec.box] for v in vols])
+    return SimulatedParticles(images=images, truth=truth, optics=particle_optics(spec.pixel_size_a, spec.box),
+                              volumes=list(vols), templates=templates, clean=None)
+
+
+def make_corpus_job(spec: CorpusJobSpec, corpus_dir: str | Path, device: str = "cpu", torch_threads: int = 0,
+                    keep_particles: bool = False) -> Path:
+    """Simulate one job, classify it with VDAM and keep what training needs.
+
+    Files in ``corpus_dir/<name>/``: ``Class2D/run_itNNN_{model,data,optimiser,sampling}.star``
+    and ``_classes.mrcs`` (the last iteration, RELION's layout), ``truth.star`` (one row per
+    particle, in data.star order), ``templates.mrcs`` (the true 2D classes), ``spec.json`` and, last,
+    ``DONE`` (a job without it is redone). The particle stacks and the Zarr store are removed
+    unless ``keep_particles``.
+
+    Returns
+    -------
+    Path
+        The job folder.
+    """
+    from autospa.io.ranker_files import write_corpus_job_files
+    from autospa.jobs.class2d import Class2DOptions, run_class2d
+    from autospa.jobs.demo import write_unaligned_set
+
+    job_dir = Path(corpus_dir) / spec.name
+    if (job_dir / "DONE").exists():
+        return job_dir
+    if job_dir.exists():
+        shutil.rmtree(job_dir)
+    t0 = time.perf_counter()
+    sim = simulate_job(spec, device=device)
+    star, truth_star = write_unaligned_set(job_dir / "Simulated", sim)
+    opts = Class2DOptions(input=str(star), output=str(job_dir / "Class2D" / "run"), n_classes=spec.n_classes,
+                          n_iter=spec.n_iter, grad=True, particle_diameter_a=spec.diameter_a, ctf=True, center_classes=True,
+                          random_seed=spec.seed % 100000 + 1, grad_write_iter=spec.n_iter, device=device,
+                          torch_threads=torch_threads)
+    result = run_class2d(opts, client=None)
+    seconds = time.perf_counter() - t0
+    write_corpus_job_files(job_dir, truth_star, sim.templates.detach().cpu().numpy(), spec.pixel_size_a,
+                           {**asdict(spec), "seconds": seconds, "last_root": str(Path(str(result["root"])).relative_to(job_dir))})
+    if not keep_particles:
+        shutil.rmtree(job_dir / "Simulated", ignore_errors=True)
+        for p in (job_dir / "Class2D").glob("*.zarr"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in (job_dir / "Class2D").glob("*checkpoint*"):
+            p.unlink()
+    last = Path(str(result["root"])).name
+    for p in (job_dir / "Class2D").glob("run_it*"):
+        if not p.name.startswith(last + "_"):
+            p.unlink()
+    log.info("corpus job %s: %d particles, K=%d, %.1f s", spec.name, spec.n_particles, spec.n_classes, seconds)
+    return job_dir
+
+
+def _corpus_worker(args: tuple) -> list[str]:
+    """Process-pool worker: make jobs in turn until the deadline (wall-clock time)."""
+    specs, corpus_dir, device, torch_threads, deadline = args
+    torch.set_num_threads(max(1, torch_threads))
+    done = []
+    for spec in specs:
+        if time.time() > deadline:
+            break
+        try:
+            make_corpus_job(spec, corpus_dir, device=device, torch_threads=torch_threads)
+        except Exception as exc:  # one failed simulation must not end the corpus
+            if device != "cpu":
+                log.warning("corpus job %s failed on %s (%s); retrying on the CPU", spec.name, device, exc)
+                device = "cpu"
+                make_corpus_job(spec, corpus_dir, device=device, torch_threads=torch_threads)
+            else:
+                raise
+        done.append(spec.name)
+    return done
+
+
+def build_corpus(corpus_dir: str | Path, n_jobs: int, seed: int = 0, first_index: int = 0, workers: int = 1,
+                 devices: Sequence[str] = ("cpu",), torch_threads: int = 1, time_limit_s: float | None = None,
+                 progress: Callable[[str], None] | None = None) -> list[Path]:
+    """Make (or complete) a corpus of ``n_jobs`` simulated 2D jobs in ``corpus_dir``.
+
+    Jobs already finished (``DONE``) are kept, so an interrupted build continues. With
+    ``workers > 1`` the jobs are shared round-robin between processes (worker ``w`` computes on
+    ``devices[w % len(devices)]``). With ``time_limit_s`` no job starts after that many seconds
+    (the corpus is then smaller; :func:`corpus_examples` uses whatever is finished).
+
+    Returns
+    -------
+    list of Path
+        The finished job folders.
+    """
+    corpus = Path(corpus_dir)
+    corpus.mkdir(parents=True, exist_ok=True)
+    specs = [s for s in corpus_specs(n_jobs, seed, first_index) if not (corpus / s.name / "DONE").exists()]
+    deadline = time.time() + (time_limit_s if time_limit_s is not None else 1e12)
+    if workers <= 1:
+        for spec in specs:
+            if time.time() > deadline:
+                break
+            make_corpus_job(spec, corpus, device=devices[0], torch_threads=torch_threads)
+            if progress is not None:
+                progress(spec.name)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        chunks = [(specs[w::workers], str(corpus), devices[w % len(devices)], torch_threads, deadline) for w in range(workers)]
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            for fut in as_completed([pool.submit(_corpus_worker, c) for c in chunks if c[0]]):
+                for name in fut.result():
+                    if progress is not None:
+                        progress(name)
+    return sorted(p.parent for p in corpus.glob("*/DONE"))
