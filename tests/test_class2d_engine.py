@@ -85,19 +85,39 @@ def test_estep_finds_true_poses_and_posteriors_sum_to_one(sim):
     assert bool((res.max_posterior > 0).all()) and bool((res.max_posterior <= 1 + 1e-6).all())
 
 
-def test_dense_and_entrywise_fine_passes_agree(sim, monkeypatch):
+def test_fine_pass_matches_brute_force_posteriors(sim):
+    """With every coarse hypothesis significant, the blocked fine pass equals a direct evaluation
+    of the likelihood over the whole fine grid (2R psi x 4T translations x K classes)."""
     mask = circular_mask(BOX, 25)
-    _, model = _true_model(sim, mask, current_size=32)
+    refs, model = _true_model(sim, mask, current_size=24, coarse=24)
+    model.sigma2 = model.sigma2 * 40  # broad posteriors: many hypotheses carry weight
     batch = _batch(sim)
-    out = []
-    for density in (0.0, 2.0):  # 0: GEMM path always, 2: entry path always
-        monkeypatch.setattr(es, "DENSE_FINE_DENSITY", density)
-        out.append(es.expectation_2d(batch, model, es.Sampling2D(max_significants=15), mask))
-    (s0, r0), (s1, r1) = out
-    for f in ("data", "weight", "class_weight", "noise_power", "offset_sq", "log_likelihood"):
-        a, b = getattr(s0, f), getattr(s1, f)
-        assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()), f
-    assert torch.equal(r0.class_index, r1.class_index) and torch.equal(r0.psi_deg, r1.psi_deg)
+    m = 6
+    sub = es.ParticleBatch(*(t[:m] for t in (batch.images, batch.ctf, batch.origin_px, batch.group, batch.half)))
+    sampling = es.Sampling2D(psi_step_deg=30.0, offset_range_px=2.0, offset_step_px=1.0, adaptive_fraction=1.0)
+    stats, res = es.expectation_2d(sub, model, sampling, mask)
+    # brute force
+    prep = es._prepare(model, sampling, BOX, torch.device("cpu"))
+    freqs, shells = es.rfft_frequencies(BOX)
+    x = es.centered_rfft2(es.soft_mask_background(sub.images, mask)).reshape(m, -1)[:, prep.idx_f]
+    c = sub.ctf.reshape(m, -1)[:, prep.idx_f]
+    w = 1.0 / model.sigma2[0][shells[prep.idx_f]]
+    ph = prep.ph_f  # (4T, Ff)
+    a = prep.a_flat  # (K*2R, Ff)
+    d2 = ((x[:, None, None, :] * ph[None, :, None, :] - c[:, None, None, :] * a[None, None, :, :]).abs() ** 2 * w).sum(-1) / 2
+    logw = -d2 - (prep.trans_f**2).sum(-1)[None, :, None] / (2 * model.sigma_offset_px**2)
+    gam = torch.softmax(logw.reshape(m, -1), 1).reshape(logw.shape)  # (m, 4T, K*2R)
+    best = gam.reshape(m, -1).argmax(1)
+    r_f = len(prep.psi_f)
+    assert torch.equal(res.class_index, (best % a.shape[0]) // r_f)
+    assert torch.allclose(res.max_posterior, gam.reshape(m, -1).max(1).values, rtol=1e-3, atol=1e-5)
+    k = refs.shape[0]
+    cw = torch.zeros(2, k)
+    for h in range(2):
+        cw[h] = gam[sub.half == h].sum((0, 1)).reshape(k, r_f).sum(1)
+    assert torch.allclose(stats.class_weight.float(), cw, atol=1e-4)
+    off2 = (gam.sum(2) * ((sub.origin_px.round()[:, None, :] + prep.trans_f[None]) ** 2).sum(-1)).sum()
+    assert float(stats.offset_sq) == pytest.approx(float(off2), rel=1e-4)
 
 
 def test_statistics_are_additive_over_any_partition(sim):

@@ -31,7 +31,7 @@ import torch
 from autospa.errors import InputError
 from autospa.io.atomic import atomic_path, write_bytes, write_text
 from autospa.io.mrc import read_mrc, write_mrc
-from autospa.io.star import read_star, star_to_string, write_star
+from autospa.io.star import read_star, write_star
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class Class2DJob:
         rlnPixelSize of the model.
     particles, optics
         data.star's tables.
+    reference_images
+        ``N@stack`` of every class with the stack path as found (written to the outputs, so that
+        they point to the class averages from wherever they are read).
     """
 
     optimiser_path: Path
@@ -82,6 +85,7 @@ class Class2DJob:
     pixel_size_a: float
     particles: pd.DataFrame
     optics: pd.DataFrame
+    reference_images: list[str]
 
     @property
     def n_classes(self) -> int:
@@ -100,9 +104,9 @@ def _resolve(name: str, beside: Path) -> Path:
     """A file named in a STAR file: absolute, relative to the working (project) directory, or
     the file of that name beside ``beside``'s folder."""
     p = Path(str(name).strip())
-    if p.is_absolute() or p.exists():
+    if p.exists():
         return p
-    for cand in (beside / p, beside / p.name):
+    for cand in ((beside / p.name,) if p.is_absolute() else (beside / p, beside / p.name)):
         if cand.exists():
             return cand
     return p
@@ -155,7 +159,7 @@ def read_class2d_job(optimiser_path: str | Path) -> Class2DJob:
     for c in range(k):
         s = mblocks.get(f"model_class_{c + 1}")
         spectra.append(s if isinstance(s, pd.DataFrame) else pd.DataFrame())
-    classes = _read_class_images(table["rlnReferenceImage"].astype(str).tolist(), model_path)
+    classes, refs = _read_class_images(table["rlnReferenceImage"].astype(str).tolist(), model_path)
     pixel = float(general.get("rlnPixelSize", 0.0))
     if not pixel > 0:
         raise InputError(model_path, "rlnPixelSize is missing or not positive")
@@ -165,12 +169,12 @@ def read_class2d_job(optimiser_path: str | Path) -> Class2DJob:
     optics = optics if isinstance(optics, pd.DataFrame) else (pd.DataFrame([optics]) if isinstance(optics, dict) else pd.DataFrame())
     if "rlnClassNumber" not in particles:
         raise InputError(data_path, "data_particles has no rlnClassNumber")
-    return Class2DJob(opt_path, model_path, data_path, opt, general, table, spectra, classes, pixel, particles, optics)
+    return Class2DJob(opt_path, model_path, data_path, opt, general, table, spectra, classes, pixel, particles, optics, refs)
 
 
-def _read_class_images(refs: list[str], model_path: Path) -> np.ndarray:
+def _read_class_images(refs: list[str], model_path: Path) -> tuple[np.ndarray, list[str]]:
     stacks: dict[Path, np.ndarray] = {}
-    out = []
+    out, names = [], []
     for ref in refs:
         if "@" not in ref:
             raise InputError(model_path, f"rlnReferenceImage {ref!r} is not N@stack")
@@ -186,9 +190,10 @@ def _read_class_images(refs: list[str], model_path: Path) -> np.ndarray:
         if not 0 <= i < arr.shape[0]:
             raise InputError(path, f"has {arr.shape[0]} images, {ref} asked for")
         out.append(np.asarray(arr[i], np.float32))
+        names.append(f"{i + 1:06d}@{path}")
     if not out:
         raise InputError(model_path, "data_model_classes is empty")
-    return np.stack(out)
+    return np.stack(out), names
 
 
 # ------------------------------------------------------------------------------------ outputs ---
@@ -252,7 +257,8 @@ def write_rank_outputs(
     files["images"] = write_npy(out / "images.npy", np.asarray(images, np.float32))
     score_col = np.where(scored, np.asarray(scores, np.float64), -999.0)
     table = job.classes_table
-    model = pd.DataFrame({"rlnReferenceImage": table["rlnReferenceImage"].astype(str), "rlnClassScore": score_col})
+    refs = np.asarray(job.reference_images, dtype=object)
+    model = pd.DataFrame({"rlnReferenceImage": refs, "rlnClassScore": score_col})
     for col in RANK_MODEL_COLUMNS[2:]:
         model[col] = table[col].to_numpy() if col in table else np.zeros(k)
     model_path = out / f"{fn_root}_model.star"
@@ -274,7 +280,7 @@ def write_rank_outputs(
                                         else {"particles": sel_parts})
         order = [int(c) for c in np.argsort(-score_col, kind="stable") if sel[c]]
         avg = pd.DataFrame({
-            "rlnReferenceImage": table["rlnReferenceImage"].astype(str).to_numpy()[order],
+            "rlnReferenceImage": refs[order],
             "rlnPredictedClassScore": score_col[order],
         })
         for col in CLASS_AVERAGES_COLUMNS[2:]:
@@ -443,6 +449,17 @@ def write_json(path: str | Path, data: Mapping) -> Path:
 
 __all__ = [
     "CLASS_AVERAGES_COLUMNS", "Class2DJob", "RANK_MODEL_COLUMNS", "load_model_file", "read_class2d_job", "read_corpus_job",
-    "read_overrides", "save_checkpoint", "save_torchscript", "star_to_string", "write_corpus_job_files", "write_json", "write_npy",
+    "load_tensors", "read_overrides", "save_checkpoint", "save_torchscript", "write_corpus_job_files", "write_json", "write_npy",
     "write_rank_outputs",
 ]  # fmt: skip
+
+
+def load_tensors(path: str | Path) -> dict:
+    """A dict of tensors and plain values written by :func:`save_checkpoint` (``weights_only``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "file does not exist")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(p, f"unreadable ({type(exc).__name__})") from exc

@@ -533,9 +533,10 @@ def options_from_job(job_dir: Path, options: dict[str, str]) -> Class2DOptions:
         grad=grad,
         particle_diameter_a=option_float(options, "particle_diameter", 200.0),
         tau2_fudge=option_float(options, "tau_fudge", 2.0),
-        psi_step_deg=option_float(options, "psi_sampling", 6.0),
+        # the GUI's values are the fine sampling: RELION passes twice them (oversampling 1)
+        psi_step_deg=2.0 * option_float(options, "psi_sampling", 6.0),
         offset_range_px=option_float(options, "offset_range", 5.0),
-        offset_step_px=option_float(options, "offset_step", 1.0),
+        offset_step_px=2.0 * option_float(options, "offset_step", 1.0),
         ctf=option_bool(options, "do_ctf_correction", True),
         zero_mask=option_bool(options, "do_zero_mask", True),
         center_classes=option_bool(options, "do_center", True),

@@ -93,6 +93,7 @@ def run_demo(outdir: str | Path, n_particles: int = 2000, n_structures: int = 4,
     star, _truth = write_unaligned_set(outdir / "Simulated", sim)
     opts = Class2DOptions(input=str(star), output=str(outdir / "Class2D" / "run"), n_classes=n_classes, n_iter=n_iter,
                           grad=True, particle_diameter_a=150.0, ctf=True, center_classes=True, random_seed=seed,
+                          psi_step_deg=12.0, offset_step_px=2.0,  # RELION's GUI sampling (6 deg / 1 px fine)
                           grad_write_iter=max(10, n_iter // 4))
     result = run_class2d(opts, client=client, progress=progress)
     pp = result["particles"]

@@ -262,3 +262,243 @@ def build_corpus(corpus_dir: str | Path, n_jobs: int, seed: int = 0, first_index
                     if progress is not None:
                         progress(name)
     return sorted(p.parent for p in corpus.glob("*/DONE"))
+
+
+# ----------------------------------------------------------------------------- examples ---
+
+
+@dataclass
+class JobExamples:
+    """Network inputs, targets and truth of the scored classes of one corpus job.
+
+    Attributes
+    ----------
+    name
+        Job name.
+    images, features
+        ``(n, 64, 64)`` and ``(n, 24)`` network inputs of the kept classes.
+    targets
+        ``(n,)`` target scores.
+    class_numbers
+        ``(n,)`` 1-based class numbers of the kept classes.
+    categories, purity, match
+        ``(n,)`` category codes, purity and template match of the kept classes.
+    job_score
+        The job's score.
+    particle_class
+        ``(P,)`` class number of every particle (data.star).
+    particle_real
+        ``(P,)`` bool: the particle is real (not junk) in the truth.
+    """
+
+    name: str
+    images: torch.Tensor
+    features: torch.Tensor
+    targets: torch.Tensor
+    class_numbers: torch.Tensor
+    categories: torch.Tensor
+    purity: torch.Tensor
+    match: torch.Tensor
+    job_score: float
+    particle_class: torch.Tensor
+    particle_real: torch.Tensor
+
+
+def inputs_of_job(job) -> "JobInputs":  # noqa: F821 - documented type from ranker.features
+    """The ranker's inputs (:func:`autospa.ranker.features.job_inputs`) of a
+    :class:`autospa.io.ranker_files.Class2DJob`, with RELION's SSNR fallback resolution."""
+    from autospa.ranker.features import job_inputs, resolution_from_ssnr
+
+    t = job.classes_table
+    k = job.n_classes
+
+    def col(name: str, default: float) -> torch.Tensor:
+        return torch.tensor(t[name].to_numpy(np.float64)) if name in t else torch.full((k,), default, dtype=torch.float64)
+
+    res = col("rlnEstimatedResolution", 0.0)
+    fallback = torch.full((k,), 2.0 * job.pixel_size_a, dtype=torch.float64)
+    for c in range(k):
+        spec = job.class_spectra[c]
+        if float(res[c]) <= 0 and "rlnSsnrMap" in spec and "rlnAngstromResolution" in spec:
+            fallback[c] = resolution_from_ssnr(torch.as_tensor(spec["rlnSsnrMap"].to_numpy(np.float64)),
+                                               torch.as_tensor(spec["rlnAngstromResolution"].to_numpy(np.float64)), job.pixel_size_a)
+    return job_inputs(torch.as_tensor(job.classes), col("rlnClassDistribution", 0.0), col("rlnAccuracyRotations", 999.0),
+                      col("rlnAccuracyTranslationsAngst", 999.0), res, len(job.particles), job.pixel_size_a,
+                      job.particle_diameter_a, fallback_resolution=fallback)
+
+
+def job_examples(job_dir: str | Path) -> JobExamples:
+    """Inputs and truth-derived targets of the classes of a finished corpus job."""
+    from autospa.io.ranker_files import read_corpus_job
+    from autospa.ranker.targets import class_categories, job_score_from_truth, target_scores, template_match
+
+    job, truth, templates, spec = read_corpus_job(job_dir)
+    if len(truth) != len(job.particles):
+        raise InputError(job_dir, f"truth has {len(truth)} rows, data.star {len(job.particles)}")
+    inputs = inputs_of_job(job)
+    kept = torch.nonzero(inputs.kept).flatten()
+    pclass = torch.as_tensor(job.particles["rlnClassNumber"].to_numpy(np.int64))
+    tclass = torch.as_tensor(truth["rlnClassNumber"].to_numpy(np.int64))
+    real = torch.as_tensor(truth["rlnAutospaIsJunk"].to_numpy(np.int64) == 0) & (tclass > 0)
+    n_struct = templates.shape[0]
+    match_all = template_match(torch.as_tensor(job.classes), torch.as_tensor(templates), job.particle_diameter_a / 2 / job.pixel_size_a,
+                               job.pixel_size_a)
+    k = job.n_classes
+    purity = torch.zeros(k, dtype=torch.float64)
+    match = torch.zeros(k, dtype=torch.float64)
+    for c in range(k):
+        members = pclass == c + 1
+        m = int(members.sum())
+        if m == 0:
+            continue
+        counts = torch.bincount(tclass[members & real], minlength=n_struct + 1)[1:]
+        major = int(torch.argmax(counts)) if int(counts.sum()) > 0 else int(torch.argmax(match_all[c]))
+        purity[c] = float(counts[major]) / m
+        match[c] = float(match_all[c, major])
+    cats = class_categories(purity, match)
+    res = torch.as_tensor(job.classes_table["rlnEstimatedResolution"].to_numpy(np.float64))
+    scored = inputs.kept
+    pure_enough = scored & (purity >= 0.5)
+    best = float(match[pure_enough].max()) if bool(pure_enough.any()) else 0.0
+    jscore = job_score_from_truth(best, float(real.double().mean()))
+    targets = target_scores(cats, res, jscore, scored)
+    return JobExamples(spec["name"], inputs.images, inputs.features, targets[kept].float(), kept + 1, cats[kept], purity[kept].float(),
+                       match[kept].float(), jscore, pclass, real)
+
+
+_EXAMPLE_FIELDS = ("images", "features", "targets", "class_numbers", "categories", "purity", "match", "particle_class", "particle_real")
+
+
+def cached_job_examples(job_dir: str | Path, refresh: bool = False) -> JobExamples:
+    """:func:`job_examples`, cached in ``job_dir/examples.pt`` (recomputed when ``refresh`` or when
+    the cache is older than the job's files)."""
+    from autospa.io.ranker_files import load_tensors, save_checkpoint
+
+    job_dir = Path(job_dir)
+    cache = job_dir / "examples.pt"
+    if cache.exists() and not refresh and cache.stat().st_mtime >= (job_dir / "DONE").stat().st_mtime:
+        d = load_tensors(cache)
+        if d.get("version") == EXAMPLES_VERSION:
+            return JobExamples(name=d["name"], job_score=float(d["job_score"]), **{k: d[k] for k in _EXAMPLE_FIELDS})
+    ex = job_examples(job_dir)
+    save_checkpoint(cache, {"version": EXAMPLES_VERSION, "name": ex.name, "job_score": ex.job_score,
+                            **{k: getattr(ex, k) for k in _EXAMPLE_FIELDS}})
+    return ex
+
+
+#: Version of the cached examples (bump when features or targets change).
+EXAMPLES_VERSION = 1
+
+
+def corpus_examples(corpus_dirs: Sequence[str | Path], refresh: bool = False,
+                    progress: Callable[[str], None] | None = None) -> list[JobExamples]:
+    """Examples of every finished job (``*/DONE``) under the corpus folders, sorted by name."""
+    jobs = sorted({p.parent for d in corpus_dirs for p in Path(d).glob("*/DONE")}, key=lambda p: (p.name, str(p)))
+    out = []
+    for j in jobs:
+        ex = cached_job_examples(j, refresh)
+        if ex.targets.numel():
+            out.append(ex)
+        if progress is not None:
+            progress(j.name)
+    return out
+
+
+def is_validation_job(name: str, fraction: float = 0.2) -> bool:
+    """Job-level split: a job is held out when the CRC32 of its name falls in the first
+    ``fraction`` of the range (stable across corpus sizes and machines)."""
+    import zlib
+
+    return (zlib.crc32(name.encode()) % 1000) < fraction * 1000
+
+
+def _stack(examples: Sequence[JobExamples]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not examples:
+        return torch.zeros(0, 64, 64), torch.zeros(0, 24), torch.zeros(0)
+    return (torch.cat([e.images for e in examples]), torch.cat([e.features for e in examples]),
+            torch.cat([e.targets for e in examples]))
+
+
+def _selection_jobs(model, examples: Sequence[JobExamples]) -> list[tuple]:
+    from autospa.ranker.network import predict_scores
+
+    return [(e.class_numbers, predict_scores(model, e.images, e.features), e.particle_class, e.particle_real) for e in examples]
+
+
+def train_ranker(corpus_dirs: Sequence[str | Path], output: str | Path, config=None, val_fraction: float = 0.2,
+                 device: str | None = None, progress: Callable[[str], None] | None = None,
+                 final_train: bool = False) -> dict:
+    """Train the ranker on a corpus, calibrate the default threshold, write the weights.
+
+    Parameters
+    ----------
+    corpus_dirs
+        Corpus folders (jobs made by :func:`build_corpus`).
+    output
+        Weights file (RELION 5.0 checkpoint layout, :func:`autospa.ranker.network.checkpoint_payload`);
+        ``<output>.json`` gets the training report.
+    config
+        :class:`autospa.ranker.train.TrainConfig`.
+    val_fraction
+        Share of jobs held out (split by job, :func:`is_validation_job`).
+    device
+        Training device (default CPU).
+    progress
+        Called with a line of text per job read and per epoch.
+    final_train
+        Train on every job (RELION's ``--final-train``); the report then has no held-out figures.
+
+    Returns
+    -------
+    dict
+        The report: corpus size, split, MSE per epoch, validation MSE, the calibrated threshold
+        and the particle FPR / FNR at it (training and validation jobs), training seconds.
+    """
+    from autospa.io.ranker_files import save_checkpoint, write_json
+    from autospa.ranker.network import checkpoint_payload
+    from autospa.ranker.train import TrainConfig, calibrate_threshold, evaluate_mse, pooled_rates, train_network
+
+    cfg = config or TrainConfig()
+    examples = corpus_examples(corpus_dirs, progress=progress)
+    if not examples:
+        raise InputError(None, f"no finished corpus jobs under {', '.join(map(str, corpus_dirs))}")
+    val = [e for e in examples if is_validation_job(e.name, val_fraction)] if not final_train else []
+    train = [e for e in examples if e not in val]
+    if not train:
+        raise InputError(None, "every corpus job fell in the validation split; make a larger corpus")
+    xi, xf, xt = _stack(train)
+    vi, vf, vt = _stack(val)
+
+    def on_epoch(epoch: int, tr: float, vm: float) -> None:
+        if progress is not None:
+            progress(f"epoch {epoch + 1}/{cfg.epochs}: train MSE {tr:.4f}, validation MSE {vm:.4f}")
+
+    model, hist = train_network(xi, xf, xt, vi, vf, vt, cfg, progress=on_epoch, device=device)
+    model = model.cpu()
+    thr, fpr_tr, fnr_tr = calibrate_threshold(_selection_jobs(model, train))
+    report: dict = {
+        "corpus": [str(d) for d in corpus_dirs],
+        "n_jobs_train": len(train), "n_jobs_validation": len(val),
+        "n_classes_train": int(xt.numel()), "n_classes_validation": int(vt.numel()),
+        "train_jobs": [e.name for e in train], "validation_jobs": [e.name for e in val],
+        "config": asdict(cfg), "train_mse_per_epoch": hist.train_mse, "validation_mse_per_epoch": hist.val_mse,
+        "best_epoch": hist.best_epoch, "training_seconds": hist.seconds,
+        "train_mse": evaluate_mse(model, xi, xf, xt), "default_threshold": thr,
+        "train_fpr": fpr_tr, "train_fnr": fnr_tr,
+        "target_mean_train": float(xt.mean()), "target_var_validation": float(vt.var(unbiased=False)) if vt.numel() else None,
+    }  # fmt: skip
+    if val:
+        vjobs = _selection_jobs(model, val)
+        fpr, fnr = pooled_rates(vjobs, thr)
+        best_thr, best_fpr, best_fnr = calibrate_threshold(vjobs)
+        report.update({
+            "validation_mse": evaluate_mse(model, vi, vf, vt), "validation_fpr": fpr, "validation_fnr": fnr,
+            "validation_rates_by_threshold": {f"{t:.2f}": pooled_rates(vjobs, t) for t in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)},
+            "validation_best_threshold": best_thr, "validation_best_fpr": best_fpr, "validation_best_fnr": best_fnr,
+            "validation_mse_constant_predictor": float(((vt - xt.mean()) ** 2).mean()),
+        })  # fmt: skip
+    out = Path(output)
+    save_checkpoint(out, checkpoint_payload(model, autospa_default_threshold=thr, autospa_training_report={
+        k: v for k, v in report.items() if not isinstance(v, list)}))
+    write_json(out.with_name(out.name + ".json"), report)
+    return report

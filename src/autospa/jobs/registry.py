@@ -64,6 +64,7 @@ LAZY_JOB_MODULES: dict[str, str] = {
     "class2d": "autospa.jobs.class2d",
     "initialmodel": "autospa.jobs.initialmodel",
     "refine3d": "autospa.jobs.refine3d",
+    "postprocess": "autospa.jobs.postprocess",
 }
 
 #: Options that say how a job runs, not what it computes; they are left out of the fingerprint

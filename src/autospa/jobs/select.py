@@ -111,3 +111,7 @@ def job_select_onvalue(job_dir: Path, options: dict[str, str], continue_: bool) 
 
 
 __all__ = ["SelectValueParams", "params_from_options", "run_select_on_value", "select_on_value"]
+
+# The class-ranker variant of relion.select (relion.select.class2dauto) is registered by its own
+# module; importing it here makes the lazy "select" family lookup find it.
+from autospa.jobs import rank as _rank  # noqa: E402,F401

@@ -315,13 +315,14 @@ def expectation_2d(
     prep = _prepare(model, sampling, box, device)
     t_c, r_c = len(prep.trans_c), len(prep.psi_c)
     if chunk_particles is None:
-        # floats of the largest blocks: coarse (N, T, K*R) scores; fine (N, rows, K*2R) scores
-        # and (N, rows, 2F) phased images, rows = 4 x the translations holding significant
-        # hypotheses (all of them in the worst case, at most maxsig of them with a cap)
-        budget = 24_000_000
-        rows = 4 * (min(t_c, sampling.max_significants) if sampling.max_significants > 0 else t_c)
-        n_freq = len(prep.idx_m)
-        per_particle = max(t_c * k * r_c, rows * k * 2 * r_c, rows * 2 * n_freq)
+        # floats of the largest blocks per particle: coarse (T, K*R) scores; fine (rows, cols)
+        # scores and (rows, 2F) phased images, rows = 4 x the translations holding significant
+        # hypotheses and cols = 2 x the significant (class, psi) pairs (all, or capped by maxsig)
+        budget = 32_000_000
+        cap = sampling.max_significants
+        rows = 4 * (min(t_c, cap) if cap > 0 else t_c)
+        cols = min(k * 2 * r_c, 2 * cap) if cap > 0 else k * 2 * r_c
+        per_particle = max(t_c * k * r_c, rows * cols + rows * 2 * len(prep.idx_m))
         chunk_particles = max(1, min(n, budget // max(1, per_particle)))
     results = []
     for start in range(0, n, chunk_particles):
@@ -383,98 +384,82 @@ def _real_gemm(left: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
     return torch.cat([left.real, left.imag], -1) @ torch.cat([right_t.real, right_t.imag], -1).T
 
 
-DENSE_FINE_DENSITY = 0.0  # fraction of (row, column) entries above which the fine pass is one GEMM
+def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half, bsum, prep):
+    """Fine pass as per-particle blocks: batched GEMMs over each particle's live rows and columns.
 
+    A particle's rows are its fine translations (children of coarse translations holding a
+    significant hypothesis); its columns are the (class, fine psi) children of its significant
+    (class, psi) pairs. Scores, posterior-weighted data sums and posterior-mean references are
+    batched matrix products over ``(N, rows, columns)`` blocks padded to the largest particle of
+    the chunk, so the work follows the posterior's support, not the whole grid.
 
-def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half, bsum, prep):
-    """Fine pass by GEMMs over the rows: scores, data sums and residual cross terms.
-
-    The element-wise work (priors, exponentials, normalisation) runs on the whole ``(U, K*2R)``
-    block when most entries are live, and on the live entries only when few are.
+    Returns
+    -------
+    tuple
+        ``mx, s_i (N,)``: max log-weight and sum of weights per particle; ``best_row (N,)`` index
+        into the rows, ``best_col (N,)`` column; ``gmax (N,)``; ``g_part (N, K*2R)`` posterior per
+        particle and column; ``cross_pix (N, Ff)`` posterior-weighted ``Re(X_t conj(A))``;
+        ``g_rows (U,)`` posterior per row. The data sums are added to ``bsum (2, K*2R, Fm)``.
     """
     device = pw_f.device
-    ph_rows = prep.ph_f[row_tf]  # (U, Ff)
-    cross = _real_gemm(pw_f[row_p] * ph_rows, prep.a_flat)  # (U, K*2R)
-    n_rows, n_cols = cross.shape
-    if float(colmask.sum()) > 0.25 * colmask.numel():
-        logw = cross
-        logw -= 0.5 * (xnorm_f[row_p, None] + norm_f[row_p])
-        logw += row_logoff[:, None] + col_prior[None, :]
-        logw.masked_fill_(~colmask, -torch.inf)
-        row_max, row_arg = logw.max(1)
-        mx = torch.full((n,), -torch.inf, device=device, dtype=logw.dtype).scatter_reduce(0, row_p, row_max, reduce="amax")
-        gam = torch.exp(logw - mx[row_p, None])
-        del logw, cross
-        s_i = torch.zeros(n, device=device, dtype=torch.float64).index_add_(0, row_p, gam.sum(1, dtype=torch.float64))
-        gam /= s_i[row_p, None].to(gam.dtype)
-        u_idx = torch.arange(n_rows, device=device)
-        best_row = torch.full((n,), n_rows, device=device, dtype=torch.long).scatter_reduce(
-            0, row_p, torch.where(row_max >= mx[row_p], u_idx, torch.full_like(u_idx, n_rows)), reduce="amin")
-        best_col = row_arg[best_row]
-        gmax = gam[best_row, best_col]
-    else:
-        e_u, e_c = torch.nonzero(colmask, as_tuple=True)
-        e_p = row_p[e_u]
-        logw = cross[e_u, e_c] - 0.5 * (xnorm_f[e_p] + norm_f[e_p, e_c]) + row_logoff[e_u] + col_prior[e_c]
-        del cross
-        mx = torch.full((n,), -torch.inf, device=device, dtype=logw.dtype).scatter_reduce(0, e_p, logw, reduce="amax")
-        g_e = torch.exp(logw - mx[e_p])
-        s_i = torch.zeros(n, device=device, dtype=torch.float64).index_add_(0, e_p, g_e.to(torch.float64))
-        g_e = (g_e.to(torch.float64) / s_i[e_p]).to(logw.dtype)
-        gmax = torch.zeros(n, device=device, dtype=g_e.dtype).scatter_reduce(0, e_p, g_e, reduce="amax")
-        e_idx = torch.arange(len(e_p), device=device)
-        best = torch.full((n,), len(e_p), device=device, dtype=torch.long).scatter_reduce(
-            0, e_p, torch.where(g_e >= gmax[e_p], e_idx, torch.full_like(e_idx, len(e_p))), reduce="amin")
-        best_row, best_col = e_u[best], e_c[best]
-        gam = torch.zeros(n_rows, n_cols, device=device, dtype=g_e.dtype)
-        gam[e_u, e_c] = g_e
-    g_part = torch.zeros(n, n_cols, device=device, dtype=gam.dtype).index_add_(0, row_p, gam)
-    half_rows = half[row_p]
-    for h in range(2):
-        rows = torch.nonzero(half_rows == h).squeeze(1)
-        if len(rows) == 0:
-            continue
-        qr = q0[row_p[rows]] * prep.ph_m[row_tf[rows]]  # (U_h, Fm)
-        g_h = gam[rows]
-        bsum[h] += torch.complex(g_h.T @ qr.real, g_h.T @ qr.imag)
-    m_rows = torch.complex(gam @ prep.a_flat.real, gam @ prep.a_flat.imag)  # (U, Ff) posterior-mean reference
-    cross_pix = torch.zeros_like(x_f.real).index_add_(0, row_p, (x_f[row_p] * ph_rows * torch.conj(m_rows)).real)
-    return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, gam.sum(1, dtype=torch.float64)
+    n_rows, n_cols = colmask.shape
+    rdt = x_f.real.dtype
+    # rows of each particle (row_p is sorted by particle)
+    r_cnt = torch.bincount(row_p, minlength=n)
+    r_start = torch.cumsum(r_cnt, 0) - r_cnt
+    u_max = int(r_cnt.max()) if n_rows else 1
+    r_local = torch.arange(n_rows, device=device) - r_start[row_p]
+    rows = torch.full((n, u_max), -1, device=device, dtype=torch.long)
+    rows[row_p, r_local] = torch.arange(n_rows, device=device)
+    # live columns of each particle
+    live = torch.zeros(n, n_cols, dtype=torch.int32, device=device).index_add_(0, row_p, colmask.to(torch.int32)) > 0
+    c_p, c_c = torch.nonzero(live, as_tuple=True)
+    c_cnt = live.sum(1)
+    c_start = torch.cumsum(c_cnt, 0) - c_cnt
+    c_max = max(1, int(c_cnt.max()))
+    cols = torch.zeros(n, c_max, device=device, dtype=torch.long)
+    col_ok = torch.zeros(n, c_max, device=device, dtype=torch.bool)
+    c_local = torch.arange(len(c_p), device=device) - c_start[c_p]
+    cols[c_p, c_local] = c_c
+    col_ok[c_p, c_local] = True
+    row_ok = rows >= 0
+    rows_c = rows.clamp_min(0)
+    emask = colmask[rows_c[:, :, None], cols[:, None, :]] & row_ok[:, :, None] & col_ok[:, None, :]  # (N, u, c)
 
-
-def _fine_sparse(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half, bsum, prep):
-    """Fine pass with sparse rows: each (row, column) entry scored and summed on its own."""
-    device = pw_f.device
-    e_u, e_c = torch.nonzero(colmask, as_tuple=True)
-    n_e = len(e_u)
-    e_p, e_t = row_p[e_u], row_tf[e_u]
-    ff = pw_f.shape[1]
-    fm = q0.shape[1]
-    step = max(1, 8_000_000 // max(ff, fm))
-    cross = torch.empty(n_e, device=device, dtype=x_f.real.dtype)
-    for s in range(0, n_e, step):
-        e = slice(s, min(n_e, s + step))
-        cross[e] = (pw_f[e_p[e]] * prep.ph_f[e_t[e]] * torch.conj(prep.a_flat[e_c[e]])).real.sum(-1)
-    logw = cross - 0.5 * (xnorm_f[e_p] + norm_f[e_p, e_c]) + row_logoff[e_u] + col_prior[e_c]
-    mx = torch.full((n,), -torch.inf, device=device, dtype=logw.dtype).scatter_reduce(0, e_p, logw, reduce="amax")
-    gam = torch.exp(logw - mx[e_p])
-    s_i = torch.zeros(n, device=device, dtype=torch.float64).index_add_(0, e_p, gam.to(torch.float64))
-    gam = (gam.to(torch.float64) / s_i[e_p]).to(logw.dtype)
-    gmax = torch.zeros(n, device=device, dtype=gam.dtype).scatter_reduce(0, e_p, gam, reduce="amax")
-    e_idx = torch.arange(n_e, device=device)
-    best = torch.full((n,), n_e, device=device, dtype=torch.long).scatter_reduce(
-        0, e_p, torch.where(gam >= gmax[e_p], e_idx, torch.full_like(e_idx, n_e)), reduce="amin")
-    n_cols = colmask.shape[1]
-    g_part = torch.zeros(n * n_cols, device=device, dtype=gam.dtype).index_add_(0, e_p * n_cols + e_c, gam).reshape(n, n_cols)
-    cross_pix = torch.zeros_like(x_f.real)
-    e_h = half[e_p]
-    for s in range(0, n_e, step):
-        e = slice(s, min(n_e, s + step))
-        g = gam[e][:, None]
-        bsum.view(-1, fm).index_add_(0, e_h[e] * n_cols + e_c[e], g * q0[e_p[e]] * prep.ph_m[e_t[e]])
-        cross_pix.index_add_(0, e_p[e], g * (x_f[e_p[e]] * prep.ph_f[e_t[e]] * torch.conj(prep.a_flat[e_c[e]])).real)
-    g_rows = torch.zeros(len(row_p), device=device, dtype=torch.float64).index_add_(0, e_u, gam.to(torch.float64))
-    return mx, s_i, e_u[best], e_c[best], gmax, g_part, cross_pix, g_rows
+    ph = prep.ph_f[row_tf[rows_c]]  # (N, u, Ff)
+    p_blk = pw_f[:, None, :] * ph
+    a_blk = prep.a_flat[cols]  # (N, c, Ff)
+    logw = torch.bmm(torch.cat([p_blk.real, p_blk.imag], -1), torch.cat([a_blk.real, a_blk.imag], -1).transpose(1, 2))
+    del p_blk
+    ar = torch.arange(n, device=device)[:, None]
+    logw -= 0.5 * (xnorm_f[:, None, None] + norm_f[ar, cols][:, None, :])
+    logw += row_logoff[rows_c][:, :, None] + col_prior[cols][:, None, :]
+    logw.masked_fill_(~emask, -torch.inf)
+    flat = logw.reshape(n, -1)
+    mx, arg = flat.max(1)
+    gam = torch.exp(logw - mx[:, None, None])  # (N, u, c); dead entries 0
+    del logw, flat
+    s_i = gam.sum((1, 2), dtype=torch.float64)
+    gam /= s_i[:, None, None].to(gam.dtype)
+    best_row = rows_c[torch.arange(n, device=device), arg // c_max]
+    best_col = cols[torch.arange(n, device=device), arg % c_max]
+    gmax = gam.reshape(n, -1)[torch.arange(n, device=device), arg]
+    # posterior per particle and column, per row
+    g_part = torch.zeros(n, n_cols, device=device, dtype=gam.dtype)
+    g_part.scatter_add_(1, cols, gam.sum(1))
+    g_rows = torch.zeros(n_rows, device=device, dtype=torch.float64)
+    g_rows[rows_c[row_ok]] = gam.sum(2, dtype=torch.float64)[row_ok]
+    # data sums: Z[i, c] = sum_u G[i, u, c] Q[i, u]  then scattered to the columns' rows of bsum
+    qr = q0[:, None, :] * prep.ph_m[row_tf[rows_c]]  # (N, u, Fm)
+    gt = gam.transpose(1, 2)  # (N, c, u)
+    z = torch.complex(torch.bmm(gt, qr.real), torch.bmm(gt, qr.imag))  # (N, c, Fm)
+    del qr
+    key = half[:, None] * n_cols + cols  # (N, c)
+    bsum.view(-1, bsum.shape[-1]).index_add_(0, key[col_ok], z[col_ok])
+    # posterior-mean reference per row, for the residual power
+    m = torch.complex(torch.bmm(gam, a_blk.real), torch.bmm(gam, a_blk.imag))  # (N, u, Ff)
+    cross_pix = ((x_f[:, None, :] * ph * torch.conj(m)).real * row_ok[:, :, None]).sum(1)
+    return mx, s_i, best_row, best_col, gmax, g_part, cross_pix.to(rdt), g_rows
 
 
 def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats) -> ParticleResult:
@@ -546,13 +531,8 @@ def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats) -> 
     c2 = c_m**2 * w_m * dc_half  # (N, Fm)
     bsum = torch.zeros(2, k * r_f, len(idx_m), dtype=q0.dtype, device=device)
 
-    density = float(colmask.sum()) / max(1, colmask.numel())
-    if density >= DENSE_FINE_DENSITY:
-        fine = _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0,
-                           batch.half, bsum, prep)
-    else:
-        fine = _fine_sparse(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0,
-                            batch.half, bsum, prep)
+    fine = _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0,
+                        batch.half, bsum, prep)
     mx, s_i, best_row, best_col, gmax, g_part, cross_pix, g_rows = fine
 
     log_norm = torch.log(2 * math.pi / w_f).sum(-1)  # sum over the window of log(2 pi sigma2)

@@ -306,28 +306,29 @@ def _fibonacci_directions(n: int, hemisphere: bool) -> torch.Tensor:
     return torch.stack([r * torch.cos(phi), r * torch.sin(phi), z], -1)
 
 
+_LUT_SIZE = 64
+
+
 @functools.lru_cache(maxsize=4)
-def _axis_lookup(n_axes: int, cell_deg: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Table axes and a (tilt, phi) cell -> nearest-axis index map for the upper hemisphere."""
+def _axis_lookup(n_axes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table axes (upper hemisphere) and a cubic direction grid -> nearest axis (up to sign) map.
+
+    The look-up is a ``(L, L, L)`` grid over ``[-1, 1]^3``: a unit vector ``d`` falls in the cell
+    ``round((d + 1) / 2 * (L - 1))``, whose normalised centre's nearest axis is stored (~2 degrees).
+    """
     axes = _fibonacci_directions(n_axes, hemisphere=True)
-    nt = int(round(90.0 / cell_deg)) + 1
-    npsi = int(round(360.0 / cell_deg))
-    t = torch.deg2rad(torch.arange(nt, dtype=torch.float64) * cell_deg)
-    p = torch.deg2rad(torch.arange(npsi, dtype=torch.float64) * cell_deg)
-    tt, pp = torch.meshgrid(t, p, indexing="ij")
-    dirs = torch.stack([torch.sin(tt) * torch.cos(pp), torch.sin(tt) * torch.sin(pp), torch.cos(tt)], -1).reshape(-1, 3)
-    idx = torch.cat([(d @ axes.T).argmax(-1) for d in dirs.split(4096)]).reshape(nt, npsi)
+    ax = torch.linspace(-1.0, 1.0, _LUT_SIZE, dtype=torch.float64)
+    gz, gy, gx = torch.meshgrid(ax, ax, ax, indexing="ij")
+    dirs = torch.stack([gx, gy, gz], -1).reshape(-1, 3)
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    idx = torch.cat([(d @ axes.T).abs().argmax(-1) for d in dirs.split(8192)])
     return axes, idx
 
 
-def _nearest_axis(dirs: torch.Tensor, lut: torch.Tensor, cell_deg: float = 1.0) -> torch.Tensor:
+def _nearest_axis(dirs: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """Index of the nearest table axis (up to sign) of ``(..., 3)`` unit vectors."""
-    d = torch.where(dirs[..., 2:3] < 0, -dirs, dirs)
-    tilt = torch.rad2deg(torch.arccos(d[..., 2].clamp(-1.0, 1.0)))
-    phi = torch.rad2deg(torch.atan2(d[..., 1], d[..., 0])) % 360.0
-    it = torch.round(tilt / cell_deg).long().clamp(0, lut.shape[0] - 1)
-    ip = torch.round(phi / cell_deg).long() % lut.shape[1]
-    return lut[it, ip]
+    cell = torch.round((dirs.to(torch.float32) + 1.0) * (0.5 * (_LUT_SIZE - 1))).long().clamp(0, _LUT_SIZE - 1)
+    return lut[(cell[..., 2] * _LUT_SIZE + cell[..., 1]) * _LUT_SIZE + cell[..., 0]]
 
 
 def _so3_grid(step_deg: float) -> torch.Tensor:
@@ -502,6 +503,7 @@ class _Working:
     vol: torch.Tensor  # (B, B, B) processed map (masked, spherical average removed), float32
     padded: torch.Tensor  # (2B, 2B, 2B) the same, Fourier-padded by 2 for the interpolation
     points: torch.Tensor  # (P, 3) positions (x, y, z) relative to the centre, working px, float32
+    points_h: torch.Tensor  # (P, 4) the same with a column of ones (homogeneous coordinates)
     values: torch.Tensor  # (P,) processed values at the points, normalised to unit length
     box: int
     radius: float  # radius of the search mask, working px
@@ -547,12 +549,22 @@ def _working_map(vol: torch.Tensor, opts: SymmetrySearchOptions, box_w: int | No
     filt = 0.5 + 0.5 * torch.cos(math.pi * t)
     if opts.whiten:
         # flatten the rotationally averaged amplitude, so that the overall shape (the lowest shells,
-        # an ellipsoid with D2 symmetry at low resolution) does not dominate the correlations
-        amp = torch.sqrt(radial_average_3d(ft.abs().double() ** 2, bw))
+        # an ellipsoid with D2 symmetry at low resolution) does not dominate the correlations; and
+        # weight each shell by its signal fraction, the noise power being measured in the corners
+        # of the box (outside 0.45 box), which hold solvent only
+        power = radial_average_3d(ft.abs().double() ** 2, bw)
+        outside = (radius_grid(bw, 3, device=vol.device) >= 0.45 * bw).float()
+        frac = float(outside.mean())
+        if frac > 0.05:
+            noise = radial_average_3d(rfftn3(work * outside).abs().double() ** 2, bw) / frac
+            signal_fraction = (1.0 - noise / power.clamp_min(1e-30)).clamp(0.0, 1.0)
+        else:
+            signal_fraction = torch.ones_like(power)
         shells = shell_index_3d(bw, rfft=True, device=vol.device).clamp(max=bw // 2)
-        a = amp[shells]
-        filt = filt * torch.where(a > 0, amp[1:].max() / a.clamp_min(1e-30), torch.zeros_like(a))
-        filt[0, 0, 0] = 0.0
+        amp = torch.sqrt(power)
+        weight = torch.where(amp > 0, signal_fraction / amp.clamp_min(1e-30), torch.zeros_like(amp))
+        weight[0] = 0.0
+        filt = filt * (weight / weight.max().clamp_min(1e-30))[shells]
     work = irfftn3(ft * filt.to(ft.dtype), bw)
     # soft spherical mask around the particle (99% of its positive density, at most mask_radius)
     radius = _particle_radius(work, opts.mask_radius * bw)
@@ -578,7 +590,7 @@ def _working_map(vol: torch.Tensor, opts: SymmetrySearchOptions, box_w: int | No
     pts = torch.stack([gx[inside], gy[inside], gz[inside]], -1)
     padded = fourier_pad(proc, 2 * bw, ndim=3).contiguous()
     vals = proc[inside]
-    return _Working(vol=proc, padded=padded, points=pts, values=vals / vals.norm().clamp_min(1e-30), box=bw, radius=radius + _MASK_EDGE_PX, lowpass_px=opts.lowpass_px, scale=scale, com_px=com)
+    return _Working(vol=proc, padded=padded, points=pts, points_h=torch.cat([pts, torch.ones_like(pts[:, :1])], 1), values=vals / vals.norm().clamp_min(1e-30), box=bw, radius=radius + _MASK_EDGE_PX, lowpass_px=opts.lowpass_px, scale=scale, com_px=com)
 
 
 _MASK_EDGE_PX = 2.0
@@ -605,25 +617,27 @@ def _correlations(w: _Working, ops: torch.Tensor, centers: torch.Tensor | None =
     """
     m = ops.shape[0]
     p = w.points.shape[0]
-    out = torch.empty(m, dtype=torch.float64, device=w.vol.device)
+    dev = w.vol.device
+    out = torch.empty(m, dtype=torch.float64, device=dev)
     step = max(1, chunk_points // max(p, 1))
     size = w.padded.shape[-1]
-    # grid_sample coordinate of the position x (working px): 2 * (2 (x + box // 2)) / (size - 1) - 1
+    # grid_sample coordinate of the position x (working px): 2 * (2 (x + box // 2)) / (size - 1) - 1,
+    # computed for all operators by one GEMM in homogeneous coordinates: [x, 1] @ [[alpha Q^T], [shift]]
     alpha = 4.0 / (size - 1)
     beta = alpha * (w.box // 2) - 1.0
     vol = w.padded[None, None]
     for s in range(0, m, step):
-        q = ops[s : s + step].to(device=w.vol.device, dtype=torch.float32)
+        q = ops[s : s + step].to(device=dev, dtype=torch.float32)
         k = q.shape[0]
-        shift = torch.full((k, 1, 3), beta, dtype=torch.float32, device=w.vol.device)
+        shift = torch.full((k, 3), beta, dtype=torch.float32, device=dev)
         if centers is not None:
-            c = centers[s : s + step].to(device=w.vol.device, dtype=torch.float32)
-            shift = shift + alpha * (c - torch.einsum("mij,mj->mi", q, c))[:, None, :]
-        grid = torch.baddbmm(shift, w.points[None].expand(k, -1, -1), alpha * q.transpose(1, 2))  # (k, P, 3)
-        b = F.grid_sample(vol, grid.reshape(1, k, p, 1, 3), mode="bilinear", padding_mode="zeros", align_corners=True)
-        b = b.reshape(k, p)
-        num = b @ w.values
-        den = b.norm(dim=-1)
+            c = centers[s : s + step].to(device=dev, dtype=torch.float32)
+            shift = shift + alpha * (c - torch.einsum("mij,mj->mi", q, c))
+        mat = torch.cat([alpha * q.permute(2, 0, 1).reshape(3, 3 * k), shift.reshape(1, 3 * k)])  # (4, 3k)
+        grid = (w.points_h @ mat).reshape(1, p, k, 1, 3)
+        b = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True).reshape(p, k)
+        num = w.values @ b
+        den = b.norm(dim=0)
         out[s : s + step] = torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num)).double()
     return out
 
@@ -1009,9 +1023,18 @@ def rank_point_groups(
             results.append(GroupScore(g, order, coarse[g], (order - 1) * (coarse[g] - tau), False, None))
     results.sort(key=lambda r: (r.score, -r.order), reverse=True)
     best = results[0]
-    if best.order > 1:
-        al = align_symmetry(vol, best.group, opts)
-        results[0] = GroupScore(best.group, best.order, al.agreement, al.score, True, al)
-        results.sort(key=lambda r: (r.score, -r.order), reverse=True)
+    if best.alignment is None:  # a table score on top: refine it now
+        a, c, corr, _ = _search_group(w, best.group, table, lut, idx, grid, opts, refine=True, shifts=False)
+        al = _alignment(best.group, a, w.com_px + c * w.scale, corr, tau)
+        results[0] = best = GroupScore(best.group, best.order, al.agreement, al.score, True, al)
+    if best.order > 1 and not opts.keep_centre and opts.shift_steps_px:
+        # the chosen group: refine its centre too (finest rotation steps with the shift steps)
+        n_fine = len(opts.shift_steps_px)
+        a0 = best.alignment.matrix.to(device=vol.device, dtype=torch.float64)
+        a, c, raw = _refine(w, best.group, a0, torch.zeros(3, dtype=torch.float64, device=vol.device),
+                            opts.refine_steps_deg[-n_fine:], opts.shift_steps_px)
+        al = _alignment(best.group, a, w.com_px + c * w.scale, _corrected_correlations(w, best.group, a, raw), tau)
+        if al.score >= best.score:
+            results[0] = GroupScore(best.group, best.order, al.agreement, al.score, True, al)
     log.info("point groups: %s", ", ".join(f"{r.group} {r.score:.2f}" for r in results[:6]))
     return results

@@ -1,0 +1,186 @@
+"""2D classification benchmarks (issue 4 item 7). Prints a table and writes JSON.
+
+    python benchmarks/class2d.py estep   [--device cuda] [--n 2000] [--K 12]     # (b) E-step throughput
+    python benchmarks/class2d.py compare [--n 20000] [--K 50]                    # (a) VDAM vs EM
+    python benchmarks/class2d.py workers [--n 4000] [--K 12]                     # (c) 1 vs 2 dask workers
+
+(b) reports particles/s of the E-step and the achieved rate of its coarse-pass GEMM (the bulk
+of the arithmetic) as a fraction of torch's matmul rate measured on the same device with the
+same shapes; (a) runs both algorithms on one simulated set and scores purity against the truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _sim(n: int, k_true: int, seed: int = 1, box: int = 64):
+    from autospa.simulate.particles import simulate_2d_classes
+
+    return simulate_2d_classes(n=n, n_classes=k_true, box=box, pixel_size_a=3.0, snr=0.05, seed=seed,
+                               shift_sigma_px=1.5, max_shift_px=4.0, return_clean=True)
+
+
+def _matmul_rate(m: int, k: int, n: int, device: torch.device, reps: int = 5) -> float:
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(k, n, device=device)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2.0 * m * k * n * reps / (time.perf_counter() - t)
+
+
+def bench_estep(args) -> dict:
+    from autospa.jobs.class2d import circular_mask, coarse_window
+    from autospa.numerics.ctf import ctf_2d
+    from autospa.refinement import estep as es
+    from autospa.refinement import init as rinit
+    from autospa.refinement import mstep
+
+    device = torch.device(args.device)
+    sim = _sim(args.n, 4)
+    mask = circular_mask(64, 25, device=device)
+    images = sim.images.to(device)
+    tr = sim.truth
+    ctf = ctf_2d(torch.tensor(tr.rlnDefocusU.values), torch.tensor(tr.rlnDefocusV.values),
+                 torch.tensor(tr.rlnDefocusAngle.values), 300.0, 2.7, 0.1, 3.0, 64).to(device)
+    ps, isum, n = rinit.power_sums(es.soft_mask_background(images, mask))
+    s2 = rinit.initial_sigma2(ps.cpu(), isum.cpu(), n)
+    gen = torch.Generator().manual_seed(0)
+    # references: the true templates for 4 classes plus blobs for the rest (a mid-run state)
+    refs = torch.cat([sim.templates * (sim.clean.std() / sim.templates.std()),
+                      rinit.blob_references(sim.templates[:1].repeat(args.K - 4, 1, 1), 50.0, gen) * 0.2])[: args.K]
+    rows = []
+    for current in (32, 64):
+        model = es.EStepModel(mstep.reference_ft(refs, 2), s2[None].float(), torch.full((args.K,), -math.log(args.K)),
+                              2.0, current, coarse_window(args.psi_step, current), 2)
+        batch = es.ParticleBatch(images, ctf, torch.zeros(args.n, 2, device=device),
+                                 torch.zeros(args.n, dtype=torch.long, device=device), torch.arange(args.n, device=device) % 2)
+        sampling = es.Sampling2D(psi_step_deg=args.psi_step, offset_step_px=args.offset_step, max_significants=5 * args.K)
+        es.expectation_2d(es.ParticleBatch(*(t[:64] for t in (batch.images, batch.ctf, batch.origin_px, batch.group, batch.half))),
+                          model, sampling, mask)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            _, res = es.expectation_2d(batch, model, sampling, mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        t_c = len(es.translation_grid_px(5.0, args.offset_step))
+        r_c = len(es.psi_grid_deg(args.psi_step))
+        f_c = len(es.window_indices(64, model.coarse_size))
+        flops = 2.0 * args.n * t_c * 2 * f_c * args.K * r_c  # coarse GEMM
+        rate = _matmul_rate(min(args.n, 512) * t_c, 2 * f_c, args.K * r_c, device)
+        acc = float((res.class_index.cpu().numpy()[: len(tr)] + 1 == tr.rlnClassNumber.values).mean())
+        rows.append({"device": str(device), "current_size": current, "particles": args.n, "K": args.K, "seconds": dt,
+                     "particles_per_s": args.n / dt, "coarse_gemm_gflops": flops / dt / 1e9,
+                     "matmul_gflops": rate / 1e9, "coarse_fraction_of_matmul": flops / dt / rate,
+                     "class_accuracy_first4": acc})
+    return {"benchmark": "estep", "rows": rows}
+
+
+def _run(star, out, k, n_iter, grad, seed, client=None):
+    from autospa.jobs.class2d import Class2DOptions, run_class2d
+
+    opts = Class2DOptions(input=str(star), output=str(out), n_classes=k, n_iter=n_iter, grad=grad, ctf=True,
+                          particle_diameter_a=150.0, random_seed=seed, grad_write_iter=max(10, n_iter))
+    t = time.perf_counter()
+    res = run_class2d(opts, client=client)
+    return res, time.perf_counter() - t
+
+
+def bench_compare(args) -> dict:
+    from autospa.jobs.demo import score_against_truth, write_unaligned_set
+    from autospa.refinement import schedule
+
+    work = Path(args.work)
+    sim = _sim(args.n, args.true_classes)
+    star, _ = write_unaligned_set(work / "Simulated", sim)
+    rows = []
+    for grad, n_iter in ((True, args.vdam_iter), (False, args.em_iter)):
+        res, dt = _run(star, work / ("vdam" if grad else "em") / "run", args.K, n_iter, grad, 1)
+        pp = res["particles"]
+        pur, psi, sh = score_against_truth(sim.truth, pp["class_index"], pp["psi_deg"], pp["origin_px"], 3.0)
+        if grad:
+            ph = schedule.phases(n_iter)
+            s0, s1 = schedule.subset_sizes(args.n)
+            seen = sum(schedule.subset_size(i, ph, args.n, s0, s1, args.K) for i in range(1, n_iter + 1))
+        else:
+            seen = n_iter * args.n
+        rows.append({"algorithm": "VDAM" if grad else "EM", "iterations": n_iter, "seconds": dt, "epochs": seen / args.n,
+                     "purity": pur, "psi_error_deg": psi, "shift_error_px": sh})
+    return {"benchmark": "compare", "particles": args.n, "K": args.K, "rows": rows,
+            "speedup_vdam_over_em": rows[1]["seconds"] / rows[0]["seconds"]}
+
+
+def bench_workers(args) -> dict:
+    from distributed import Client, LocalCluster
+
+    from autospa.jobs.demo import write_unaligned_set
+
+    work = Path(args.work)
+    sim = _sim(args.n, 4)
+    star, _ = write_unaligned_set(work / "Simulated", sim)
+    rows = []
+    for workers in (1, 2):
+        threads = max(1, (os.cpu_count() or 2) // workers)
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl, Client(cl) as c:
+            c.run(torch.set_num_threads, threads)
+            res, dt = _run(star, work / f"w{workers}" / "run", args.K, args.iter, False, 1, client=c)
+        rows.append({"workers": workers, "torch_threads_per_worker": threads, "seconds": dt,
+                     "particles_per_s": args.n * args.iter / dt})
+    return {"benchmark": "workers", "rows": rows, "speedup_2_over_1": rows[0]["seconds"] / rows[1]["seconds"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["estep", "compare", "workers"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--psi_step", type=float, default=12.0, help="coarse psi step (RELION GUI 6 deg fine = 12)")
+    p.add_argument("--offset_step", type=float, default=2.0, help="coarse offset step (RELION GUI 1 px fine = 2)")
+    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--K", type=int, default=None)
+    p.add_argument("--true_classes", type=int, default=10)
+    p.add_argument("--vdam_iter", type=int, default=200)
+    p.add_argument("--em_iter", type=int, default=25)
+    p.add_argument("--iter", type=int, default=3)
+    p.add_argument("--work", default="/tmp/autospa_bench_class2d")
+    args = p.parse_args()
+    defaults = {"estep": (2000, 12), "compare": (20000, 50), "workers": (4000, 12)}[args.mode]
+    args.n = args.n or defaults[0]
+    args.K = args.K or defaults[1]
+    fn = {"estep": bench_estep, "compare": bench_compare, "workers": bench_workers}[args.mode]
+    out = fn(args)
+    out["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                      "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    for row in out["rows"]:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    for k, v in out.items():
+        if k not in ("rows", "machine"):
+            print(f"{k}: {v}")
+    RESULTS.mkdir(exist_ok=True)
+    tag = args.device.replace(":", "") if args.mode == "estep" else args.mode
+    (RESULTS / f"class2d_{args.mode}_{tag}.json").write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
