@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import numpy as np
 import pytest
@@ -173,3 +175,47 @@ def test_map_reduce_same_result_in_process_and_on_a_cluster(sim, tmp_path):
         assert np.array_equal(res["class_index"], ref_res["class_index"])
         assert float((st.data - ref_stats.data).abs().max()) <= 1e-4 * float(ref_stats.data.abs().max())
         assert float(st.class_weight.sum()) == pytest.approx(len(subset), rel=1e-4)
+
+
+def test_worker_killed_mid_iteration_gives_the_same_result(sim, tmp_path):
+    """kill -9 a worker process while the E-step runs: dask recomputes its tasks elsewhere."""
+    import signal
+    import threading
+
+    from distributed import Client, LocalCluster
+    import pandas as pd
+
+    store = tmp_path / "p.zarr"
+    n = len(sim.truth)
+    meta = pd.DataFrame({"rlnOpticsGroup": np.ones(n, int), "rlnImageName": [f"{i + 1}@x.mrcs" for i in range(n)]})
+    write_store(store, [sim.images.numpy()], meta, optics=sim.optics, chunk_size=16, dtype="float32")
+    mask = circular_mask(BOX, 25)
+    _, model = _true_model(sim, mask, current_size=48)
+    table = ParticleTable(None, PIX, np.zeros(n, np.int64), np.arange(n) % 2)
+    bounds = [(s, min(n, s + 16)) for s in range(0, n, 16)]
+    subset = np.arange(n)
+    origins = np.zeros((n, 2), np.float32)
+    ref_stats, ref_res = run_estep(None, str(store), bounds, subset, origins, table, model, es.Sampling2D(), mask,
+                                   torch_threads=1)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, Client(cl) as c:
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=run_estep(c, str(store), bounds, subset, origins, table, model,
+                                                                   es.Sampling2D(), mask, torch_threads=1)))
+        t.start()
+        deadline = time.time() + 60
+        victim = None
+        while time.time() < deadline and victim is None:
+            busy = [w for w, tasks in c.processing().items() if tasks]
+            if busy:
+                victim = c.run(os.getpid, workers=[busy[0]])[busy[0]]
+            else:
+                time.sleep(0.05)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        t.join(240)
+        assert not t.is_alive()
+    st, res = out["r"]
+    assert np.array_equal(res["index"], subset)
+    assert np.array_equal(res["class_index"], ref_res["class_index"])
+    assert float((st.data - ref_stats.data).abs().max()) <= 1e-4 * float(ref_stats.data.abs().max())
+    assert float(st.n_particles) == n

@@ -41,7 +41,7 @@ def _check(result, truth):
 def test_em_classifies_and_aligns(dataset, tmp_path):
     star, truth = dataset
     opts = Class2DOptions(input=str(star), output=str(tmp_path / "em" / "run"), n_classes=6, n_iter=10, ctf=True,
-                          particle_diameter_a=150, random_seed=2)
+                          particle_diameter_a=150, random_seed=2, psi_step_deg=12.0, offset_step_px=2.0)
     res = run_class2d(opts)
     purity, psi_err, shift_err = _check(res, truth)
     assert purity >= 0.9
@@ -53,7 +53,8 @@ def test_vdam_classifies_aligns_and_writes_relion_outputs(dataset, tmp_path):
     star, truth = dataset
     out = tmp_path / "vdam" / "run"
     opts = Class2DOptions(input=str(star), output=str(out), n_classes=6, n_iter=30, grad=True, ctf=True,
-                          particle_diameter_a=150, random_seed=2, grad_write_iter=10)
+                          particle_diameter_a=150, random_seed=2, grad_write_iter=10, psi_step_deg=12.0,
+                          offset_step_px=2.0)
     res = run_class2d(opts)
     purity, psi_err, shift_err = _check(res, truth)
     assert purity >= 0.9
@@ -93,7 +94,8 @@ def _cli(*args, cwd=None):
 
 def test_continue_after_kill_equals_uninterrupted_run(dataset, tmp_path):
     star, _ = dataset
-    common = ["--i", str(star), "--K", "3", "--iter", "5", "--ctf", "--particle_diameter", "150", "--j", "1"]
+    common = ["--i", str(star), "--K", "3", "--iter", "5", "--ctf", "--particle_diameter", "150", "--j", "1",
+              "--psi_step", "12", "--offset_step", "2"]
     ref = subprocess.run(_cli("class2d", *common, "--o", str(tmp_path / "a" / "run")), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "b" / "run"

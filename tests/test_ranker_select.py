@@ -170,7 +170,7 @@ def test_selection_rule() -> None:
     assert select_classes(scores, scored, counts, 0.3, max_score=0.7).tolist() == [False, False, True, False, True]
     assert select_classes(scores, scored, counts, 0.95, min_classes=2).tolist() == [True, False, True, False, False]
     assert select_classes(scores, scored, counts, 0.95, min_particles=120).tolist() == [True, False, True, False, False]
-    assert select_classes(scores, scored, counts, 0.0, quantile=0.75).tolist() == [True, False, True, False, False]
+    assert select_classes(scores, scored, counts, 0.0, quantile=0.5).tolist() == [True, False, True, False, False]
     assert select_classes(scores, scored, counts, 0.5, overrides={4: True, 1: False}).tolist() == [False, False, True, True, False]
 
 
@@ -222,3 +222,8 @@ def test_shipped_model_is_the_default(job, tmp_path) -> None:
     assert res.threshold == pytest.approx(load_ranker().default_threshold)
     assert np.all(np.isfinite(res.scores[res.scored])) and np.all(res.scores[~res.scored] == -999.0)
     assert res.selected.tolist() == list(res.scored & (res.scores >= res.threshold))
+    from autospa.jobs.rank import options_from_job
+
+    auto = options_from_job(tmp_path / "Select" / "job001", {"fn_model": str(job["opt"]), "rank_threshold": "auto"})
+    assert auto.min_score is None  # the calibrated default
+    assert options_from_job(tmp_path / "Select" / "job001", {"fn_model": str(job["opt"]), "rank_threshold": "0.45"}).min_score == 0.45

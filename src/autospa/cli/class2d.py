@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autospa.jobs.class2d import Class2DOptions, run_class2d
+    from autospa.jobs.class2d import Class2DOptions, check_input, run_class2d
 
     if args.input is None and not args.continue_:
         raise InputError(None, "--i is required (a particles.star or a particle store), unless --continue")
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
         workers = args.j or 1
         opts.torch_threads = max(1, (os.cpu_count() or 1) // workers)
+    check_input(opts, args.continue_)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     progress, close = _progress_bar()
     try:

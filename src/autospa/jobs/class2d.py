@@ -134,14 +134,28 @@ class IterationInfo:
 # input
 
 
-def _input_store(opts: Class2DOptions, out_dir: Path) -> Path:
+def check_input(opts: Class2DOptions, continue_: bool = False) -> None:
+    """Cheap checks of the input (before a cluster is started): raises InputError."""
+    if continue_:
+        out_root = Path(opts.output)
+        ckpt = out_root.parent / f"{out_root.name}_checkpoint.pt"
+        if not ckpt.is_file():
+            raise InputError(ckpt, "no checkpoint to continue from (was the run started with this --o?)")
+        return
     src = Path(opts.input)
     if not src.exists():
         raise InputError(src, "input does not exist")
+    if not src.is_dir() and src.suffix.lower() != ".star":
+        raise InputError(src, "input must be a particles .star file or a particle store (.zarr folder)")
+    if opts.n_classes < 1:
+        raise InputError(src, f"--K must be at least 1 (got {opts.n_classes})")
+
+
+def _input_store(opts: Class2DOptions, out_dir: Path) -> Path:
+    check_input(opts)
+    src = Path(opts.input)
     if src.is_dir():
         return src
-    if src.suffix.lower() != ".star":
-        raise InputError(src, "input must be a particles .star file or a particle store (.zarr folder)")
     store = out_dir / (Path(opts.output).name + "_particles.zarr")
     if store.exists():
         try:

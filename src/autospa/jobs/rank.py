@@ -271,7 +271,8 @@ def _other_args(text: str) -> argparse.Namespace:
 def options_from_job(job_dir: Path, options: dict[str, str]) -> RankOptions:
     """RankOptions from a relion.select job.star with ``do_class_ranker`` (RELION's option names:
     fn_model, rank_threshold, select_nr_parts, select_nr_classes; ``other_args`` may add
-    --select_quantile, --overrides, --model, --max_score)."""
+    --select_quantile, --overrides, --model, --max_score). A missing, empty or ``auto``
+    rank_threshold uses the model's calibrated default."""
     src = str(options.get("fn_model", "")).strip().strip('"')
     if not src:
         raise InputError(job_dir, "relion.select.class2dauto needs fn_model (a 2D job's run_itNNN_optimiser.star)")
@@ -283,7 +284,8 @@ def options_from_job(job_dir: Path, options: dict[str, str]) -> RankOptions:
         output_dir=str(job_dir),
         model=str(resolve_path(job_dir, extra.model)) if extra.model else None,
         auto_select=True,
-        min_score=option_float(options, "rank_threshold", RELION_DEFAULT_MIN_SCORE) if "rank_threshold" in options else None,
+        min_score=None if str(options.get("rank_threshold", "")).strip().strip('"').lower() in ("", "auto", "default")
+        else option_float(options, "rank_threshold"),
         max_score=extra.max_score,
         quantile=extra.select_quantile,
         select_min_nr_particles=nr_parts,

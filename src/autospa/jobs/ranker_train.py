@@ -23,19 +23,19 @@ One command reproduces all of it: ``autospa ranker train --corpus DIR --o weight
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from autospa.errors import InputError
+from autospa.ranker.features import JobInputs
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class JobExamples:
     particle_real: torch.Tensor
 
 
-def inputs_of_job(job) -> "JobInputs":  # noqa: F821 - documented type from ranker.features
+def inputs_of_job(job) -> JobInputs:
     """The ranker's inputs (:func:`autospa.ranker.features.job_inputs`) of a
     :class:`autospa.io.ranker_files.Class2DJob`, with RELION's SSNR fallback resolution."""
     from autospa.ranker.features import job_inputs, resolution_from_ssnr
@@ -337,9 +337,9 @@ def job_examples(job_dir: str | Path) -> JobExamples:
         raise InputError(job_dir, f"truth has {len(truth)} rows, data.star {len(job.particles)}")
     inputs = inputs_of_job(job)
     kept = torch.nonzero(inputs.kept).flatten()
-    pclass = torch.as_tensor(job.particles["rlnClassNumber"].to_numpy(np.int64))
-    tclass = torch.as_tensor(truth["rlnClassNumber"].to_numpy(np.int64))
-    real = torch.as_tensor(truth["rlnAutospaIsJunk"].to_numpy(np.int64) == 0) & (tclass > 0)
+    pclass = torch.from_numpy(np.array(job.particles["rlnClassNumber"], dtype=np.int64))
+    tclass = torch.from_numpy(np.array(truth["rlnClassNumber"], dtype=np.int64))
+    real = torch.from_numpy(np.array(truth["rlnAutospaIsJunk"], dtype=np.int64) == 0) & (tclass > 0)
     n_struct = templates.shape[0]
     match_all = template_match(torch.as_tensor(job.classes), torch.as_tensor(templates), job.particle_diameter_a / 2 / job.pixel_size_a,
                                job.pixel_size_a)
@@ -356,7 +356,7 @@ def job_examples(job_dir: str | Path) -> JobExamples:
         purity[c] = float(counts[major]) / m
         match[c] = float(match_all[c, major])
     cats = class_categories(purity, match)
-    res = torch.as_tensor(job.classes_table["rlnEstimatedResolution"].to_numpy(np.float64))
+    res = torch.from_numpy(np.array(job.classes_table["rlnEstimatedResolution"], dtype=np.float64))
     scored = inputs.kept
     pure_enough = scored & (purity >= 0.5)
     best = float(match[pure_enough].max()) if bool(pure_enough.any()) else 0.0

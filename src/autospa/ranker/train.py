@@ -38,6 +38,9 @@ class TrainConfig:
         Zero entries 15-20 of the features in every batch (RELION's ``MASK_FEATURE_IDX``).
     cosine
         Cosine decay of the learning rate to 5 % over the epochs.
+    keep_best
+        Return the weights of the epoch with the lowest validation MSE instead of the last epoch's
+        (the validation MSE then no longer measures held-out performance).
     """
 
     epochs: int = 60
@@ -49,6 +52,7 @@ class TrainConfig:
     augment: bool = True
     zero_granulo: bool = True
     cosine: bool = True
+    keep_best: bool = False
 
 
 @dataclass
@@ -169,6 +173,8 @@ def train_network(
         vm = evaluate_mse(model, val_images, val_features, val_targets, cfg.zero_granulo) if has_val else float("nan")
         hist.val_mse.append(vm)
         score = vm if has_val else hist.train_mse[-1]
+        if not cfg.keep_best:
+            score = -epoch  # the last epoch
         if score < best:
             best = score
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
