@@ -23,6 +23,7 @@ from autospa.refinement.vdam import vdam_update
 from autospa.simulate.particles import simulate_2d_classes
 
 BOX, PIX = 64, 3.0
+FAST = dict(psi_step_deg=12.0, offset_step_px=2.0)  # RELION GUI sampling (6 deg / 1 px fine)
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +123,27 @@ def test_fine_pass_matches_brute_force_posteriors(sim):
     assert float(stats.offset_sq) == pytest.approx(float(off2), rel=1e-4)
 
 
+def test_shared_gemm_and_block_fine_passes_agree(sim, monkeypatch):
+    mask = circular_mask(BOX, 25)
+    _, model = _true_model(sim, mask, current_size=32)
+    batch = _batch(sim)
+    out = []
+    for frac in (0.0, 2.0):  # 0: one shared GEMM always, 2: per-particle blocks always
+        monkeypatch.setattr(es, "DENSE_FINE_COLUMNS", frac)
+        out.append(es.expectation_2d(batch, model, es.Sampling2D(max_significants=15, **FAST), mask))
+    (s0, r0), (s1, r1) = out
+    for f in ("data", "weight", "class_weight", "noise_power", "offset_sq", "log_likelihood"):
+        a, b = getattr(s0, f), getattr(s1, f)
+        assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()), f
+    assert torch.equal(r0.class_index, r1.class_index) and torch.equal(r0.psi_deg, r1.psi_deg)
+
+
 def test_statistics_are_additive_over_any_partition(sim):
     mask = circular_mask(BOX, 25)
     _, model = _true_model(sim, mask, current_size=32)
     batch = _batch(sim)
-    whole, _ = es.expectation_2d(batch, model, es.Sampling2D(), mask, chunk_particles=200)
-    parts, _ = es.expectation_2d(batch, model, es.Sampling2D(), mask, chunk_particles=37)
+    whole, _ = es.expectation_2d(batch, model, es.Sampling2D(**FAST), mask, chunk_particles=200)
+    parts, _ = es.expectation_2d(batch, model, es.Sampling2D(**FAST), mask, chunk_particles=37)
     assert float((whole.data - parts.data).abs().max()) <= 1e-4 * float(whole.data.abs().max())
     assert float((whole.noise_power - parts.noise_power).abs().max()) <= 1e-6 * float(whole.noise_power.abs().max())
 
@@ -135,7 +151,7 @@ def test_statistics_are_additive_over_any_partition(sim):
 def test_vdam_full_batch_step_one_equals_unregularised_em(sim):
     mask = circular_mask(BOX, 25)
     refs, model = _true_model(sim, mask, current_size=BOX)
-    stats, _ = es.expectation_2d(_batch(sim), model, es.Sampling2D(), mask)
+    stats, _ = es.expectation_2d(_batch(sim), model, es.Sampling2D(**FAST), mask)
     k = refs.shape[0]
     state = ModelState(refs=refs, sigma2=model.sigma2, class_prior=torch.full((k,), 1.0 / k, dtype=torch.float64),
                        sigma_offset_a=2.0 * PIX, pixel_size_a=PIX, current_size=BOX)
@@ -167,10 +183,10 @@ def test_map_reduce_same_result_in_process_and_on_a_cluster(sim, tmp_path):
     bounds = [(s, min(n, s + 64)) for s in range(0, n, 64)]
     subset = np.arange(0, n, 2)
     origins = np.zeros((n, 2), np.float32)
-    ref_stats, ref_res = run_estep(None, str(store), bounds, subset, origins, table, model, es.Sampling2D(), mask)
+    ref_stats, ref_res = run_estep(None, str(store), bounds, subset, origins, table, model, es.Sampling2D(**FAST), mask)
     for workers in (1, 2):
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None) as cl, Client(cl) as c:
-            st, res = run_estep(c, str(store), bounds, subset, origins, table, model, es.Sampling2D(), mask)
+            st, res = run_estep(c, str(store), bounds, subset, origins, table, model, es.Sampling2D(**FAST), mask)
         assert np.array_equal(res["index"], subset)
         assert np.array_equal(res["class_index"], ref_res["class_index"])
         assert float((st.data - ref_stats.data).abs().max()) <= 1e-4 * float(ref_stats.data.abs().max())
@@ -195,12 +211,12 @@ def test_worker_killed_mid_iteration_gives_the_same_result(sim, tmp_path):
     bounds = [(s, min(n, s + 16)) for s in range(0, n, 16)]
     subset = np.arange(n)
     origins = np.zeros((n, 2), np.float32)
-    ref_stats, ref_res = run_estep(None, str(store), bounds, subset, origins, table, model, es.Sampling2D(), mask,
+    ref_stats, ref_res = run_estep(None, str(store), bounds, subset, origins, table, model, es.Sampling2D(**FAST), mask,
                                    torch_threads=1)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, Client(cl) as c:
         out = {}
         t = threading.Thread(target=lambda: out.update(r=run_estep(c, str(store), bounds, subset, origins, table, model,
-                                                                   es.Sampling2D(), mask, torch_threads=1)))
+                                                                   es.Sampling2D(**FAST), mask, torch_threads=1)))
         t.start()
         deadline = time.time() + 60
         victim = None

@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--epochs", type=int, default=40, help="training epochs (default 40)")
     t.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default 5e-4, cosine decay)")
     t.add_argument("--batch_size", type=int, default=32, help="batch size (default 32)")
+    t.add_argument("--dropout", type=float, default=0.3, help="dropout in training (default 0.3, RELION's)")
     t.add_argument("--val_fraction", type=float, default=0.2, help="share of jobs held out (default 0.2)")
     t.add_argument("--final_train", action="store_true", help="train on every job (no held-out figures)")
     t.set_defaults(func=run_train)
@@ -72,7 +73,7 @@ def run_train(args: argparse.Namespace) -> int:
                             devices=devices, torch_threads=threads, time_limit_s=args.time_limit or None,
                             progress=lambda name: say(f"corpus job {name} done"))
         say(f"corpus: {len(done)} finished jobs in {args.corpus[0]}")
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, dropout=args.dropout)
     rep = train_ranker(args.corpus, args.output, cfg, val_fraction=args.val_fraction, device=device,
                        progress=lambda s: say(s) if s.startswith("epoch") else None, final_train=args.final_train)
     print(f"trained on {rep['n_classes_train']} classes of {rep['n_jobs_train']} jobs in {rep['training_seconds']:.0f} s; "

@@ -384,6 +384,67 @@ def _real_gemm(left: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
     return torch.cat([left.real, left.imag], -1) @ torch.cat([right_t.real, right_t.imag], -1).T
 
 
+#: Fraction of a chunk's (class, psi) columns live in some particle above which the fine pass is
+#: one shared GEMM instead of per-particle blocks.
+DENSE_FINE_COLUMNS = 0.3
+
+
+def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half, bsum, prep):
+    """Fine pass by GEMMs over the rows: scores, data sums and residual cross terms.
+
+    The element-wise work (priors, exponentials, normalisation) runs on the whole ``(U, K*2R)``
+    block when most entries are live, and on the live entries only when few are.
+    """
+    device = pw_f.device
+    ph_rows = prep.ph_f[row_tf]  # (U, Ff)
+    cross = _real_gemm(pw_f[row_p] * ph_rows, prep.a_flat)  # (U, K*2R)
+    n_rows, n_cols = cross.shape
+    if float(colmask.sum()) > 0.25 * colmask.numel():
+        logw = cross
+        logw -= 0.5 * (xnorm_f[row_p, None] + norm_f[row_p])
+        logw += row_logoff[:, None] + col_prior[None, :]
+        logw.masked_fill_(~colmask, -torch.inf)
+        row_max, row_arg = logw.max(1)
+        mx = torch.full((n,), -torch.inf, device=device, dtype=logw.dtype).scatter_reduce(0, row_p, row_max, reduce="amax")
+        gam = torch.exp(logw - mx[row_p, None])
+        del logw, cross
+        s_i = torch.zeros(n, device=device, dtype=torch.float64).index_add_(0, row_p, gam.sum(1, dtype=torch.float64))
+        gam /= s_i[row_p, None].to(gam.dtype)
+        u_idx = torch.arange(n_rows, device=device)
+        best_row = torch.full((n,), n_rows, device=device, dtype=torch.long).scatter_reduce(
+            0, row_p, torch.where(row_max >= mx[row_p], u_idx, torch.full_like(u_idx, n_rows)), reduce="amin")
+        best_col = row_arg[best_row]
+        gmax = gam[best_row, best_col]
+    else:
+        e_u, e_c = torch.nonzero(colmask, as_tuple=True)
+        e_p = row_p[e_u]
+        logw = cross[e_u, e_c] - 0.5 * (xnorm_f[e_p] + norm_f[e_p, e_c]) + row_logoff[e_u] + col_prior[e_c]
+        del cross
+        mx = torch.full((n,), -torch.inf, device=device, dtype=logw.dtype).scatter_reduce(0, e_p, logw, reduce="amax")
+        g_e = torch.exp(logw - mx[e_p])
+        s_i = torch.zeros(n, device=device, dtype=torch.float64).index_add_(0, e_p, g_e.to(torch.float64))
+        g_e = (g_e.to(torch.float64) / s_i[e_p]).to(logw.dtype)
+        gmax = torch.zeros(n, device=device, dtype=g_e.dtype).scatter_reduce(0, e_p, g_e, reduce="amax")
+        e_idx = torch.arange(len(e_p), device=device)
+        best = torch.full((n,), len(e_p), device=device, dtype=torch.long).scatter_reduce(
+            0, e_p, torch.where(g_e >= gmax[e_p], e_idx, torch.full_like(e_idx, len(e_p))), reduce="amin")
+        best_row, best_col = e_u[best], e_c[best]
+        gam = torch.zeros(n_rows, n_cols, device=device, dtype=g_e.dtype)
+        gam[e_u, e_c] = g_e
+    g_part = torch.zeros(n, n_cols, device=device, dtype=gam.dtype).index_add_(0, row_p, gam)
+    half_rows = half[row_p]
+    for h in range(2):
+        rows = torch.nonzero(half_rows == h).squeeze(1)
+        if len(rows) == 0:
+            continue
+        qr = q0[row_p[rows]] * prep.ph_m[row_tf[rows]]  # (U_h, Fm)
+        g_h = gam[rows]
+        bsum[h] += torch.complex(g_h.T @ qr.real, g_h.T @ qr.imag)
+    m_rows = torch.complex(gam @ prep.a_flat.real, gam @ prep.a_flat.imag)  # (U, Ff) posterior-mean reference
+    cross_pix = torch.zeros_like(x_f.real).index_add_(0, row_p, (x_f[row_p] * ph_rows * torch.conj(m_rows)).real)
+    return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, gam.sum(1, dtype=torch.float64)
+
+
 def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half, bsum, prep):
     """Fine pass as per-particle blocks: batched GEMMs over each particle's live rows and columns.
 
@@ -531,8 +592,12 @@ def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats) -> 
     c2 = c_m**2 * w_m * dc_half  # (N, Fm)
     bsum = torch.zeros(2, k * r_f, len(idx_m), dtype=q0.dtype, device=device)
 
-    fine = _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0,
-                        batch.half, bsum, prep)
+    # Most columns live (broad posteriors: EM's first iterations): one GEMM shared by all rows;
+    # otherwise per-particle blocks that follow each posterior's support.
+    live_cols = torch.zeros(n, colmask.shape[1], dtype=torch.int32, device=device).index_add_(
+        0, row_p, colmask.to(torch.int32)) > 0
+    fine_pass = _fine_dense if float(live_cols.sum(1).max()) > DENSE_FINE_COLUMNS * colmask.shape[1] else _fine_blocks
+    fine = fine_pass(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, batch.half, bsum, prep)
     mx, s_i, best_row, best_col, gmax, g_part, cross_pix, g_rows = fine
 
     log_norm = torch.log(2 * math.pi / w_f).sum(-1)  # sum over the window of log(2 pi sigma2)
