@@ -97,11 +97,12 @@ def bench_estep(args) -> dict:
     return {"benchmark": "estep", "rows": rows}
 
 
-def _run(star, out, k, n_iter, grad, seed, client=None):
+def _run(star, out, k, n_iter, grad, seed, client=None, psi_step=12.0, offset_step=2.0):
     from autospa.jobs.class2d import Class2DOptions, run_class2d
 
     opts = Class2DOptions(input=str(star), output=str(out), n_classes=k, n_iter=n_iter, grad=grad, ctf=True,
-                          particle_diameter_a=150.0, random_seed=seed, grad_write_iter=max(10, n_iter))
+                          particle_diameter_a=150.0, random_seed=seed, grad_write_iter=max(10, n_iter),
+                          psi_step_deg=psi_step, offset_step_px=offset_step)
     t = time.perf_counter()
     res = run_class2d(opts, client=client)
     return res, time.perf_counter() - t
@@ -116,7 +117,8 @@ def bench_compare(args) -> dict:
     star, _ = write_unaligned_set(work / "Simulated", sim)
     rows = []
     for grad, n_iter in ((True, args.vdam_iter), (False, args.em_iter)):
-        res, dt = _run(star, work / ("vdam" if grad else "em") / "run", args.K, n_iter, grad, 1)
+        res, dt = _run(star, work / ("vdam" if grad else "em") / "run", args.K, n_iter, grad, 1,
+                       psi_step=args.psi_step, offset_step=args.offset_step)
         pp = res["particles"]
         pur, psi, sh = score_against_truth(sim.truth, pp["class_index"], pp["psi_deg"], pp["origin_px"], 3.0)
         if grad:
@@ -144,7 +146,8 @@ def bench_workers(args) -> dict:
         threads = max(1, (os.cpu_count() or 2) // workers)
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl, Client(cl) as c:
             c.run(torch.set_num_threads, threads)
-            res, dt = _run(star, work / f"w{workers}" / "run", args.K, args.iter, False, 1, client=c)
+            res, dt = _run(star, work / f"w{workers}" / "run", args.K, args.iter, False, 1, client=c,
+                           psi_step=args.psi_step, offset_step=args.offset_step)
         rows.append({"workers": workers, "torch_threads_per_worker": threads, "seconds": dt,
                      "particles_per_s": args.n * args.iter / dt})
     return {"benchmark": "workers", "rows": rows, "speedup_2_over_1": rows[0]["seconds"] / rows[1]["seconds"]}
