@@ -153,9 +153,58 @@ def bench_workers(args) -> dict:
     return {"benchmark": "workers", "rows": rows, "speedup_2_over_1": rows[0]["seconds"] / rows[1]["seconds"]}
 
 
+def _memory_child(store: str, out: str) -> None:
+    """One VDAM mini-batch iteration on a store, in this process; prints peak RSS (MB)."""
+    import resource
+
+    from autospa.jobs.class2d import Class2DOptions, run_class2d
+
+    opts = Class2DOptions(input=store, output=out, n_classes=12, n_iter=1, grad=True, ctf=True, particle_diameter_a=150.0,
+                          psi_step_deg=12.0, offset_step_px=2.0)
+    t = time.perf_counter()
+    run_class2d(opts)
+    print(json.dumps({"seconds": time.perf_counter() - t,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def bench_memory(args) -> dict:
+    """(d) peak RSS of a class2d run (driver and E-step in one process: the worst case) on stores of
+    100k and 1M particles, one VDAM mini-batch iteration each (the mini-batch has the same size)."""
+    import subprocess
+
+    import pandas as pd
+
+    from autospa.io.zarr_store import StoreWriter
+
+    work = Path(args.work)
+    rows = []
+    for n in (100_000, 1_000_000):
+        store = work / f"mem_{n}.zarr"
+        if not store.exists():
+            rng = np.random.default_rng(0)
+            optics = pd.DataFrame([{"rlnOpticsGroup": 1, "rlnOpticsGroupName": "opticsGroup1", "rlnImagePixelSize": 3.0,
+                                    "rlnImageSize": 64, "rlnImageDimensionality": 2, "rlnVoltage": 300.0,
+                                    "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}])
+            with StoreWriter(store, 64, dtype="float16", optics=optics, chunk_size=4096) as w:
+                for s in range(0, n, 8192):
+                    k = min(8192, n - s)
+                    meta = pd.DataFrame({"rlnOpticsGroup": np.ones(k, np.int64),
+                                         "rlnImageName": [f"{i + 1:06d}@Particles/stack.mrcs" for i in range(s, s + k)],
+                                         "rlnDefocusU": rng.uniform(8000, 25000, k), "rlnDefocusV": rng.uniform(8000, 25000, k),
+                                         "rlnDefocusAngle": rng.uniform(0, 180, k)})
+                    w.append(rng.standard_normal((k, 64, 64), dtype=np.float32), meta)
+        r = subprocess.run([sys.executable, __file__, "_memory_child", str(store), str(work / f"mem_{n}" / "run")],
+                           capture_output=True, text=True, check=True)
+        rows.append({"particles": n, **json.loads(r.stdout.strip().splitlines()[-1])})
+    return {"benchmark": "memory", "rows": rows, "rss_ratio_1m_over_100k": rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]}
+
+
 def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "_memory_child":
+        _memory_child(sys.argv[2], sys.argv[3])
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["estep", "compare", "workers"])
+    p.add_argument("mode", choices=["estep", "compare", "workers", "memory"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--psi_step", type=float, default=12.0, help="coarse psi step (RELION GUI 6 deg fine = 12)")
     p.add_argument("--offset_step", type=float, default=2.0, help="coarse offset step (RELION GUI 1 px fine = 2)")
@@ -167,10 +216,10 @@ def main() -> int:
     p.add_argument("--iter", type=int, default=3)
     p.add_argument("--work", default="/tmp/autospa_bench_class2d")
     args = p.parse_args()
-    defaults = {"estep": (2000, 12), "compare": (20000, 50), "workers": (4000, 12)}[args.mode]
+    defaults = {"estep": (2000, 12), "compare": (20000, 50), "workers": (4000, 12), "memory": (0, 12)}[args.mode]
     args.n = args.n or defaults[0]
     args.K = args.K or defaults[1]
-    fn = {"estep": bench_estep, "compare": bench_compare, "workers": bench_workers}[args.mode]
+    fn = {"estep": bench_estep, "compare": bench_compare, "workers": bench_workers, "memory": bench_memory}[args.mode]
     out = fn(args)
     out["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                       "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

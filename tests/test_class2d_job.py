@@ -127,6 +127,8 @@ def test_continue_after_kill_equals_uninterrupted_run(dataset, tmp_path):
         (["--i", "missing.star", "--o", "out/run"], "missing.star"),
         (["--i", "bad.txt", "--o", "out/run"], "bad.txt"),
         (["--o", "out/run", "--continue"], "checkpoint"),
+        (["--continue", "bad.txt"], "optimiser.star"),
+        (["--continue", "out/run_it007_optimiser.star"], "run_checkpoint.pt"),
     ],
 )
 def test_bad_input_one_line_exit_1(tmp_path, args, message):

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("class2d", help="2D classification (EM or VDAM), RELION's outputs",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--i", dest="input", default=None, metavar="STAR|ZARR", help="particles.star (+ MRCS) or a particle store")
-    p.add_argument("--o", dest="output", required=True, metavar="DIR/run", help="output root (RELION: Class2D/jobNNN/run)")
+    p.add_argument("--o", dest="output", default=None, metavar="DIR/run", help="output root (RELION: Class2D/jobNNN/run)")
     p.add_argument("--K", type=int, default=1, help="number of classes (default 1)")
     p.add_argument("--iter", type=int, default=None, help="iterations (default 25 for EM, 200 mini-batches for VDAM)")
     alg = p.add_mutually_exclusive_group()
@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--adaptive_fraction", type=float, default=0.999, help="probability mass kept by the coarse pass (default 0.999)")
     p.add_argument("--maxsig", type=int, default=0, help="cap on significant coarse hypotheses (default: 5K for VDAM, none for EM)")
     p.add_argument("--torch_threads", type=int, default=0, help="torch threads per task (default: cores / workers)")
-    p.add_argument("--continue", dest="continue_", action="store_true", help="resume the run at --o from its checkpoint")
+    p.add_argument("--continue", dest="continue_", nargs="?", const=True, default=False, metavar="OPTIMISER_STAR",
+                   help="resume the run at --o from its checkpoint (RELION's form --continue DIR/run_itNNN_optimiser.star also works)")
     add_cluster_arguments(p)
     p.set_defaults(func=run)
 
@@ -53,6 +54,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from autospa.jobs.class2d import Class2DOptions, check_input, run_class2d
 
+    if isinstance(args.continue_, str):
+        # RELION: --continue DIR/run_it025_optimiser.star [--o DIR/run_ct25]: resume DIR/run's checkpoint
+        import re
+
+        m = re.match(r"^(.*?)(_ct\d+)?_it\d{3,}_optimiser\.star$", args.continue_)
+        if m is None:
+            raise InputError(args.continue_, "--continue takes a run_itNNN_optimiser.star file")
+        args.output = m.group(1)
+        args.continue_ = True
+    if args.output is None:
+        raise InputError(None, "--o is required (the output root, e.g. Class2D/job001/run)")
     if args.input is None and not args.continue_:
         raise InputError(None, "--i is required (a particles.star or a particle store), unless --continue")
     if args.K < 1:
