@@ -159,10 +159,10 @@ def _memory_child(store: str, out: str) -> None:
 
     from autospa.jobs.class2d import Class2DOptions, run_class2d
 
-    opts = Class2DOptions(input=store, output=out, n_classes=12, n_iter=1, grad=True, ctf=True, particle_diameter_a=150.0,
+    opts = Class2DOptions(input=store, output=out, n_classes=12, n_iter=200, grad=True, ctf=True, particle_diameter_a=150.0,
                           psi_step_deg=12.0, offset_step_px=2.0)
     t = time.perf_counter()
-    run_class2d(opts)
+    run_class2d(opts, stop_after=2)  # initialisation and two mini-batch iterations
     print(json.dumps({"seconds": time.perf_counter() - t,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

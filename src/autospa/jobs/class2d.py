@@ -28,6 +28,7 @@ from autospa.io import refine_files as rf
 from autospa.io.relion_particles import import_particles
 from autospa.io.zarr_store import open_store, read_store_images
 from autospa.jobs.registry import check_abort, option_bool, option_float, option_int, register_job, resolve_path, succeed
+from autospa.numerics.masks import soft_circular_mask
 from autospa.refinement import init as rinit
 from autospa.refinement import mstep, schedule
 from autospa.refinement.accuracy import expected_accuracies
@@ -205,10 +206,7 @@ def particle_table(stack: ParticleStack, use_ctf: bool) -> ParticleTable:
 
 def circular_mask(box: int, radius_px: float, edge_px: float = 5.0, device=None) -> torch.Tensor:
     """RELION's soft particle mask: 1 inside ``radius``, raised cosine out to ``radius + edge``."""
-    c = torch.arange(box, device=device, dtype=torch.float32) - box // 2
-    r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
-    return torch.where(r < radius_px, torch.ones_like(r), torch.where(r > radius_px + edge_px, torch.zeros_like(r),
-                       0.5 + 0.5 * torch.cos(math.pi * (r - radius_px) / edge_px)))
+    return soft_circular_mask(box, radius_px, edge_px, device=device)
 
 
 def coarse_window(psi_step_deg: float, current_size: int, min_size: int = 10) -> int:

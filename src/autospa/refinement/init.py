@@ -10,6 +10,7 @@ import torch
 
 from autospa.numerics import slice2d
 from autospa.refinement.estep import centered_rfft2, rfft_frequencies, window_indices
+from autospa.refinement.mstep import soft_edge
 
 
 def power_sums(images_masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -159,9 +160,4 @@ def blob_references(seeds: torch.Tensor, diameter_px: float, generator: torch.Ge
         out[c] = v * (seeds[c].std() / std_v) if std_v > 0 else v
     r = max(2, round(0.07 * box))
     out = lowpass_raised_cosine(out, r)
-    rad = torch.sqrt((xx - box // 2) ** 2 + (yy - box // 2) ** 2)
-    rm = diameter_px / 2
-    m = torch.where(rad < rm, torch.ones_like(rad), torch.where(rad > rm + 5, torch.zeros_like(rad), 0.5 + 0.5 * torch.cos(math.pi * (rad - rm) / 5)))
-    ring = (rad >= rm) & (rad <= rm + 5)
-    fill = out[:, ring].mean(-1) if ring.any() else torch.zeros(k, device=dev, dtype=dt)
-    return out * m + fill[:, None, None] * (1 - m)
+    return soft_edge(out, diameter_px / 2, 5.0, fill_edge_mean=True)

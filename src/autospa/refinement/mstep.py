@@ -9,6 +9,7 @@ import math
 import torch
 
 from autospa.numerics import slice2d
+from autospa.numerics.masks import radius_grid, soft_circular_mask
 from autospa.refinement.estep import rfft_frequencies, window_indices
 from autospa.refinement.state import ModelState
 from autospa.refinement.statistics import SufficientStats
@@ -151,20 +152,20 @@ def finish_references(ref_ft: torch.Tensor, box: int, pad: int, mask_radius_px: 
     refs = slice2d.unpad_reference_ft(ref_ft, box)
     if gridding:
         refs = refs / slice2d.gridding_correction_2d(box, pad, refs.device, refs.dtype)
-    refs = _soft_edge(refs, box / 2 - 3, 3.0, fill_edge_mean=True)
+    refs = soft_edge(refs, box / 2 - 3, 3.0, fill_edge_mean=True)
     if mask_radius_px is not None:
-        refs = _soft_edge(refs, mask_radius_px, 5.0, fill_edge_mean=False)
+        refs = soft_edge(refs, mask_radius_px, 5.0, fill_edge_mean=False)
     return refs
 
 
-def _soft_edge(refs: torch.Tensor, radius: float, edge: float, fill_edge_mean: bool) -> torch.Tensor:
+def soft_edge(refs: torch.Tensor, radius: float, edge: float, fill_edge_mean: bool) -> torch.Tensor:
+    """Soft circular mask of ``(K, D, D)`` images (RELION raised cosine); with ``fill_edge_mean`` the
+    outside is set to the mean over the edge ring (RELION's edge mask) instead of 0."""
     box = refs.shape[-1]
-    c = torch.arange(box, device=refs.device, dtype=refs.dtype) - box // 2
-    r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
-    m = torch.where(r < radius, torch.ones_like(r), torch.where(r > radius + edge, torch.zeros_like(r),
-                    0.5 + 0.5 * torch.cos(math.pi * (r - radius) / edge)))
+    m = soft_circular_mask(box, radius, edge, device=refs.device, dtype=refs.dtype)
     if not fill_edge_mean:
         return refs * m
+    r = radius_grid(box, device=refs.device, dtype=refs.dtype)
     ring = (r >= radius) & (r <= radius + edge)
     fill = refs[:, ring].mean(-1) if ring.any() else torch.zeros(refs.shape[0], device=refs.device)
     return refs * m + fill[:, None, None] * (1 - m)
