@@ -15,8 +15,10 @@ by dask with the same result. Without a client (``client=None``) the same task f
 the calling process, which is what a one-process run and the tests of equality use.
 
 Chunk cache: a worker keeps the float32 images of the chunks it has read (up to
-``AUTOSPA_CHUNK_CACHE_MB``, default 25% of the machine's memory shared by the workers, least
-recently used first out), so a mini-batch iteration reads Zarr only the first time. On a CUDA
+``AUTOSPA_CHUNK_CACHE_MB``, default 15% of the machine's memory per process, least recently used
+first out), so iterations over the same particles read Zarr only the first time. A task that needs
+less than a quarter of a chunk (a mini-batch of a store much larger than the batch) reads only its
+particles and caches nothing, so memory stays bounded whatever the store's size. On a CUDA
 worker the chunk lives on the GPU: the Zarr read becomes a cupy array when cupy is installed,
 and is handed to torch through DLPack without a copy.
 """
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from autospa.io.zarr_store import read_store_chunk
+from autospa.io.zarr_store import read_store_chunk, read_store_images
 from autospa.numerics.ctf import ctf_2d
 from autospa.refinement.estep import EStepModel, ParticleBatch, ParticleResult, Sampling2D, expectation_2d
 from autospa.refinement.statistics import SufficientStats, reduce_stats
@@ -74,6 +76,10 @@ class ParticleTable:
 # --------------------------------------------------------------------------------------------
 # worker side
 
+#: A task caches its chunk when it uses at least this fraction of it; sparser reads (mini-batches
+#: drawn from a store much larger than the batch) read only their particles and keep nothing.
+CACHE_MIN_FRACTION = 0.25
+
 
 _CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 _CACHE_LOCK = threading.Lock()
@@ -87,7 +93,7 @@ def _cache_limit() -> int:
     try:
         import psutil
 
-        return int(psutil.virtual_memory().total * 0.25)
+        return int(psutil.virtual_memory().total * 0.15)
     except Exception:  # pragma: no cover
         return 2 * 2**30
 
@@ -182,9 +188,12 @@ def estep_task(
     if torch_threads > 0 and torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
     dev = _task_device(device)
-    chunk = load_chunk(store_path, start, stop, dev)
-    local_t = torch.as_tensor(np.asarray(local, dtype=np.int64), device=dev)
-    images = chunk[local_t]
+    local = np.asarray(local, dtype=np.int64)
+    if len(local) >= CACHE_MIN_FRACTION * (stop - start):
+        chunk = load_chunk(store_path, start, stop, dev)
+        images = chunk[torch.as_tensor(local, device=dev)]
+    else:  # a sparse mini-batch of a big store: read what is needed, keep nothing
+        images = _to_device(read_store_images(store_path, local + int(start)), dev)
     n, box, _ = images.shape
     ctf = ctf_images(ctf_params, n, box, pixel_size_a, dev)
     if premultiplied is not None and bool(np.any(premultiplied)):
