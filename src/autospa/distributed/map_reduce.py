@@ -38,7 +38,7 @@ import torch
 from autospa.io.zarr_store import read_store_chunk, read_store_images
 from autospa.numerics.ctf import ctf_2d
 from autospa.refinement.estep import EStepModel, ParticleBatch, ParticleResult, Sampling2D, expectation_2d
-from autospa.refinement.statistics import SufficientStats, reduce_stats
+from autospa.refinement.statistics import SufficientStats
 
 log = logging.getLogger(__name__)
 
@@ -301,10 +301,13 @@ def run_estep(
         )
 
     if client is None:
-        parts = [estep_task(store_path, s, e, *args_of(s, loc), table.pixel_size_a, model, sampling, mask, device, torch_threads)
-                 for s, e, loc in tasks]
-        stats = reduce_stats([p[0] for p in parts])
-        results = _concat([p[1] for p in parts])
+        stats, parts = None, []
+        for s, e, loc in tasks:  # a running sum: memory does not grow with the number of chunks
+            st, res = estep_task(store_path, s, e, *args_of(s, loc), table.pixel_size_a, model, sampling, mask, device,
+                                 torch_threads)
+            stats = st if stats is None else stats + st
+            parts.append(res)
+        results = _concat(parts)
     else:
         model_f, mask_f = client.scatter([model, mask], broadcast=True, hash=False)
         futures = [
