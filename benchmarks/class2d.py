@@ -143,7 +143,7 @@ def bench_workers(args) -> dict:
     star, _ = write_unaligned_set(work / "Simulated", sim)
     rows = []
     for workers in (1, 2):
-        threads = max(1, (os.cpu_count() or 2) // workers)
+        threads = 1  # one core per worker: the speed-up measures scaling with workers (cores)
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl, Client(cl) as c:
             c.run(torch.set_num_threads, threads)
             res, dt = _run(star, work / f"w{workers}" / "run", args.K, args.iter, False, 1, client=c,
