@@ -49,6 +49,7 @@ def _matmul_rate(m: int, k: int, n: int, device: torch.device, reps: int = 5) ->
 
 def bench_estep(args) -> dict:
     from autospa.jobs.class2d import circular_mask, coarse_window
+    from autospa.numerics.sampling import psi_grid, translation_grid
     from autospa.numerics.ctf import ctf_2d
     from autospa.refinement import estep as es
     from autospa.refinement import init as rinit
@@ -84,8 +85,8 @@ def bench_estep(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
-        t_c = len(es.translation_grid_px(5.0, args.offset_step))
-        r_c = len(es.psi_grid_deg(args.psi_step))
+        t_c = len(translation_grid(5.0, args.offset_step))
+        r_c = len(psi_grid(args.psi_step))
         f_c = len(es.window_indices(64, model.coarse_size))
         flops = 2.0 * args.n * t_c * 2 * f_c * args.K * r_c  # coarse GEMM
         rate = _matmul_rate(min(args.n, 512) * t_c, 2 * f_c, args.K * r_c, device)

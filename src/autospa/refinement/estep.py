@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from autospa.numerics import slice2d
+from autospa.numerics.sampling import psi_grid, translation_grid
 from autospa.refinement.statistics import SufficientStats
 
 
@@ -158,23 +159,6 @@ def window_indices(box: int, size: int, device=None, include_dc: bool = False) -
     if not include_dc:
         keep &= shells > 0
     return torch.nonzero(keep).squeeze(1)
-
-
-def psi_grid_deg(step_deg: float, perturb: float = 0.0, device=None) -> torch.Tensor:
-    """RELION's coarse psi grid ``j * step`` (n = ceil(360 / step)), shifted by ``perturb * step``."""
-    n = int(math.ceil(360.0 / step_deg - 1e-9))
-    return (torch.arange(n, device=device, dtype=torch.float64) + perturb) * (360.0 / n)
-
-
-def translation_grid_px(range_px: float, step_px: float, device=None) -> torch.Tensor:
-    """RELION's translation grid: ``(ix, iy) * step`` with ``x^2 + y^2 <= range^2``; ``(T, 2)``."""
-    if range_px <= 0 or step_px <= 0:
-        return torch.zeros(1, 2, device=device)
-    n = int(math.ceil(range_px / step_px))
-    i = torch.arange(-n, n + 1, device=device, dtype=torch.float32) * step_px
-    gy, gx = torch.meshgrid(i, i, indexing="ij")
-    t = torch.stack([gx, gy], -1).reshape(-1, 2)
-    return t[(t**2).sum(-1) <= range_px**2 + 0.001]
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,9 +342,10 @@ def _prepare(model: EStepModel, sampling: Sampling2D, box: int, device) -> _Prep
     k = model.ref_ft.shape[0]
     pad = model.pad
     freqs_all, _ = rfft_frequencies(box, device)
-    psi_c = psi_grid_deg(sampling.psi_step_deg, sampling.perturb, device)
-    step = 360.0 / len(psi_c)
-    trans_c = translation_grid_px(sampling.offset_range_px, sampling.offset_step_px, device)
+    n_psi = len(psi_grid(sampling.psi_step_deg))
+    step = 360.0 / n_psi
+    psi_c = psi_grid(sampling.psi_step_deg, offset_deg=sampling.perturb * step, device=device)  # RELION's j * step
+    trans_c = translation_grid(sampling.offset_range_px, sampling.offset_step_px, dtype=torch.float32, device=device)
     idx_c = window_indices(box, model.coarse_size, device)
     f_c = freqs_all[idx_c]
     a_c = slice2d.rotate_gather(model.ref_ft, slice2d.interpolation_stencil(psi_c, f_c, box, pad)).reshape(k * len(psi_c), -1)
