@@ -74,14 +74,14 @@ def bench_estep(args) -> dict:
                               2.0, current, coarse_window(args.psi_step, current), 2)
         batch = es.ParticleBatch(images, ctf, torch.zeros(args.n, 2, device=device),
                                  torch.zeros(args.n, dtype=torch.long, device=device), torch.arange(args.n, device=device) % 2)
-        sampling = es.Sampling2D(psi_step_deg=args.psi_step, offset_step_px=args.offset_step, max_significants=5 * args.K)
-        es.expectation_2d(es.ParticleBatch(*(t[:64] for t in (batch.images, batch.ctf, batch.origin_px, batch.group, batch.half))),
+        sampling = es.Sampling(psi_step_deg=args.psi_step, offset_step_px=args.offset_step, max_significants=5 * args.K)
+        es.expectation(es.ParticleBatch(*(t[:64] for t in (batch.images, batch.ctf, batch.origin_px, batch.group, batch.half))),
                           model, sampling, mask)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.no_grad():
-            _, res = es.expectation_2d(batch, model, sampling, mask)
+            _, res = es.expectation(batch, model, sampling, mask)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t

@@ -46,16 +46,16 @@ def main() -> None:
             cw = int(min(current, max(10, 2 * math.ceil(1.0 / math.radians(psi_step)))))
             model = es.EStepModel(mstep.reference_ft(refs, 2), s2[None].float(), torch.full((args.K,), -math.log(args.K)),
                                   2.0, current, cw, 2)
-            sampling = es.Sampling2D(psi_step_deg=psi_step, offset_step_px=off_step, max_significants=5 * args.K)
+            sampling = es.Sampling(psi_step_deg=psi_step, offset_step_px=off_step, max_significants=5 * args.K)
             batch = es.ParticleBatch(sim.images.to(dev), ctf.to(dev), torch.zeros(args.n, 2, device=dev),
                                      torch.zeros(args.n, dtype=torch.long, device=dev), (torch.arange(args.n) % 2).to(dev))
-            es.expectation_2d(es.ParticleBatch(*(t[:256] for t in (batch.images, batch.ctf, batch.origin_px, batch.group, batch.half))),
+            es.expectation(es.ParticleBatch(*(t[:256] for t in (batch.images, batch.ctf, batch.origin_px, batch.group, batch.half))),
                               model, sampling, mask.to(dev))
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
             with torch.no_grad():
-                stats, res = es.expectation_2d(batch, model, sampling, mask.to(dev))
+                stats, res = es.expectation(batch, model, sampling, mask.to(dev))
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t

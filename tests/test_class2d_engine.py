@@ -13,7 +13,7 @@ import torch
 from autospa.distributed.map_reduce import ParticleTable, run_estep
 from autospa.io.zarr_store import write_store
 from autospa.jobs.class2d import circular_mask
-from autospa.numerics import slice2d
+from autospa.numerics import slices
 from autospa.numerics.ctf import ctf_2d
 from autospa.refinement import estep as es
 from autospa.refinement import init as rinit
@@ -57,10 +57,10 @@ def test_rotation_gather_scatter_are_adjoint():
     ref = torch.randn(2, 32, 32, generator=g, dtype=torch.complex64)
     psi = torch.tensor([0.0, 17.0, 123.5])
     freqs, _ = es.rfft_frequencies(16)
-    st = slice2d.interpolation_stencil(psi, freqs[es.window_indices(16, 16)], 16, 2)
+    st = slices.interpolation_stencil(psi, freqs[es.window_indices(16, 16)], 16, 2)
     v = torch.randn(2, 3, st.index.shape[1], generator=g, dtype=torch.complex64)
-    lhs = (slice2d.rotate_gather(ref, st) * v.conj()).sum()
-    rhs = (ref * slice2d.rotate_scatter(v, st).conj()).sum()
+    lhs = (slices.rotate_gather(ref, st) * v.conj()).sum()
+    rhs = (ref * slices.rotate_scatter(v, st).conj()).sum()
     assert abs(lhs - rhs) / abs(lhs) < 1e-5
 
 
@@ -74,7 +74,7 @@ def test_row_threshold_keeps_the_requested_mass():
 def test_estep_finds_true_poses_and_posteriors_sum_to_one(sim):
     mask = circular_mask(BOX, 25)
     _, model = _true_model(sim, mask)
-    stats, res = es.expectation_2d(_batch(sim), model, es.Sampling2D(), mask)
+    stats, res = es.expectation(_batch(sim), model, es.Sampling(), mask)
     n = len(sim.truth)
     # posteriors of every particle sum to one: class weights and offset weights total n
     assert float(stats.class_weight.sum()) == pytest.approx(n, rel=1e-4)
@@ -97,8 +97,8 @@ def test_fine_pass_matches_brute_force_posteriors(sim):
     batch = _batch(sim)
     m = 6
     sub = es.ParticleBatch(*(t[:m] for t in (batch.images, batch.ctf, batch.origin_px, batch.group, batch.half)))
-    sampling = es.Sampling2D(psi_step_deg=30.0, offset_range_px=2.0, offset_step_px=1.0, adaptive_fraction=1.0)
-    stats, res = es.expectation_2d(sub, model, sampling, mask)
+    sampling = es.Sampling(psi_step_deg=30.0, offset_range_px=2.0, offset_step_px=1.0, adaptive_fraction=1.0)
+    stats, res = es.expectation(sub, model, sampling, mask)
     # brute force
     prep = es._prepare(model, sampling, BOX, torch.device("cpu"))
     freqs, shells = es.rfft_frequencies(BOX)
@@ -106,12 +106,12 @@ def test_fine_pass_matches_brute_force_posteriors(sim):
     c = sub.ctf.reshape(m, -1)[:, prep.idx_f]
     w = 1.0 / model.sigma2[0][shells[prep.idx_f]]
     ph = prep.ph_f  # (4T, Ff)
-    a = prep.a_flat  # (K*2R, Ff)
+    a = prep.fine_table  # (K*2R, Ff)
     d2 = ((x[:, None, None, :] * ph[None, :, None, :] - c[:, None, None, :] * a[None, None, :, :]).abs() ** 2 * w).sum(-1) / 2
     logw = -d2 - (prep.trans_f**2).sum(-1)[None, :, None] / (2 * model.sigma_offset_px**2)
     gam = torch.softmax(logw.reshape(m, -1), 1).reshape(logw.shape)  # (m, 4T, K*2R)
     best = gam.reshape(m, -1).argmax(1)
-    r_f = len(prep.psi_f)
+    r_f = prep.fine_angles.shape[0]
     assert torch.equal(res.class_index, (best % a.shape[0]) // r_f)
     assert torch.allclose(res.max_posterior, gam.reshape(m, -1).max(1).values, rtol=1e-3, atol=1e-5)
     k = refs.shape[0]
@@ -123,27 +123,32 @@ def test_fine_pass_matches_brute_force_posteriors(sim):
     assert float(stats.offset_sq) == pytest.approx(float(off2), rel=1e-4)
 
 
-def test_shared_gemm_and_block_fine_passes_agree(sim, monkeypatch):
+def test_shared_gemm_block_and_sparse_fine_passes_agree(sim, monkeypatch):
     mask = circular_mask(BOX, 25)
     _, model = _true_model(sim, mask, current_size=32)
     batch = _batch(sim)
     out = []
-    for frac in (0.0, 2.0):  # 0: one shared GEMM always, 2: per-particle blocks always
+    # one shared GEMM always; per-particle blocks always; hypothesis by hypothesis always
+    for frac, waste in ((0.0, 1e9), (2.0, 1e9), (2.0, 0.0)):
         monkeypatch.setattr(es, "DENSE_FINE_COLUMNS", frac)
-        out.append(es.expectation_2d(batch, model, es.Sampling2D(max_significants=15, **FAST), mask))
-    (s0, r0), (s1, r1) = out
-    for f in ("data", "weight", "class_weight", "noise_power", "offset_sq", "log_likelihood"):
-        a, b = getattr(s0, f), getattr(s1, f)
-        assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()), f
-    assert torch.equal(r0.class_index, r1.class_index) and torch.equal(r0.psi_deg, r1.psi_deg)
+        monkeypatch.setattr(es, "SPARSE_FINE_WASTE", waste)
+        out.append(es.expectation(batch, model, es.Sampling(max_significants=15, **FAST), mask))
+    s0, r0 = out[0]
+    for s1, r1 in out[1:]:
+        for f in ("data", "weight", "class_weight", "noise_power", "offset_sq", "offset_weight", "log_likelihood",
+                  "max_posterior"):
+            a, b = getattr(s0, f), getattr(s1, f)
+            assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()), f
+        assert torch.equal(r0.class_index, r1.class_index) and torch.equal(r0.psi_deg, r1.psi_deg)
+        assert torch.equal(r0.origin_px, r1.origin_px)
 
 
 def test_statistics_are_additive_over_any_partition(sim):
     mask = circular_mask(BOX, 25)
     _, model = _true_model(sim, mask, current_size=32)
     batch = _batch(sim)
-    whole, _ = es.expectation_2d(batch, model, es.Sampling2D(**FAST), mask, chunk_particles=200)
-    parts, _ = es.expectation_2d(batch, model, es.Sampling2D(**FAST), mask, chunk_particles=37)
+    whole, _ = es.expectation(batch, model, es.Sampling(**FAST), mask, chunk_particles=200)
+    parts, _ = es.expectation(batch, model, es.Sampling(**FAST), mask, chunk_particles=37)
     assert float((whole.data - parts.data).abs().max()) <= 1e-4 * float(whole.data.abs().max())
     assert float((whole.noise_power - parts.noise_power).abs().max()) <= 1e-6 * float(whole.noise_power.abs().max())
 
@@ -151,7 +156,7 @@ def test_statistics_are_additive_over_any_partition(sim):
 def test_vdam_full_batch_step_one_equals_unregularised_em(sim):
     mask = circular_mask(BOX, 25)
     refs, model = _true_model(sim, mask, current_size=BOX)
-    stats, _ = es.expectation_2d(_batch(sim), model, es.Sampling2D(**FAST), mask)
+    stats, _ = es.expectation(_batch(sim), model, es.Sampling(**FAST), mask)
     k = refs.shape[0]
     state = ModelState(refs=refs, sigma2=model.sigma2, class_prior=torch.full((k,), 1.0 / k, dtype=torch.float64),
                        sigma_offset_a=2.0 * PIX, pixel_size_a=PIX, current_size=BOX)
@@ -183,10 +188,10 @@ def test_map_reduce_same_result_in_process_and_on_a_cluster(sim, tmp_path):
     bounds = [(s, min(n, s + 64)) for s in range(0, n, 64)]
     subset = np.arange(0, n, 2)
     origins = np.zeros((n, 2), np.float32)
-    ref_stats, ref_res = run_estep(None, str(store), bounds, subset, origins, table, model, es.Sampling2D(**FAST), mask)
+    ref_stats, ref_res = run_estep(None, str(store), bounds, subset, origins, table, model, es.Sampling(**FAST), mask)
     for workers in (1, 2):
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None) as cl, Client(cl) as c:
-            st, res = run_estep(c, str(store), bounds, subset, origins, table, model, es.Sampling2D(**FAST), mask)
+            st, res = run_estep(c, str(store), bounds, subset, origins, table, model, es.Sampling(**FAST), mask)
         assert np.array_equal(res["index"], subset)
         assert np.array_equal(res["class_index"], ref_res["class_index"])
         assert float((st.data - ref_stats.data).abs().max()) <= 1e-4 * float(ref_stats.data.abs().max())
@@ -211,12 +216,12 @@ def test_worker_killed_mid_iteration_gives_the_same_result(sim, tmp_path):
     bounds = [(s, min(n, s + 16)) for s in range(0, n, 16)]
     subset = np.arange(n)
     origins = np.zeros((n, 2), np.float32)
-    ref_stats, ref_res = run_estep(None, str(store), bounds, subset, origins, table, model, es.Sampling2D(**FAST), mask,
+    ref_stats, ref_res = run_estep(None, str(store), bounds, subset, origins, table, model, es.Sampling(**FAST), mask,
                                    torch_threads=1)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, Client(cl) as c:
         out = {}
         t = threading.Thread(target=lambda: out.update(r=run_estep(c, str(store), bounds, subset, origins, table, model,
-                                                                   es.Sampling2D(**FAST), mask, torch_threads=1)))
+                                                                   es.Sampling(**FAST), mask, torch_threads=1)))
         t.start()
         deadline = time.time() + 60
         victim = None

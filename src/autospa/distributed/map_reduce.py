@@ -5,7 +5,7 @@ Each iteration the driver
 1. broadcasts the model (references, noise, priors: a few MB) to the workers once,
 2. submits one task per Zarr chunk holding particles of this iteration's (mini-)batch; the task
    reads the chunk (or takes it from the worker's chunk cache), computes the CTFs, runs
-   :func:`autospa.refinement.estep.expectation_2d` and returns additive statistics plus the
+   :func:`autospa.refinement.estep.expectation` and returns additive statistics plus the
    per-particle results,
 3. tree-reduces the statistics on the workers (pairwise ``+``), and gathers one
    :class:`~autospa.refinement.statistics.SufficientStats` and the per-particle results.
@@ -37,7 +37,7 @@ import torch
 
 from autospa.io.zarr_store import read_store_chunk, read_store_images
 from autospa.numerics.ctf import ctf_2d
-from autospa.refinement.estep import EStepModel, ParticleBatch, ParticleResult, Sampling2D, expectation_2d
+from autospa.refinement.estep import EStepModel, ParticleBatch, ParticleResult, Sampling, expectation
 from autospa.refinement.statistics import SufficientStats
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def estep_task(
     half: np.ndarray,
     pixel_size_a: float,
     model: EStepModel,
-    sampling: Sampling2D,
+    sampling: Sampling,
     mask: torch.Tensor | None,
     device: str = "cpu",
     torch_threads: int = 0,
@@ -207,7 +207,7 @@ def estep_task(
         half=torch.as_tensor(half, dtype=torch.long, device=dev),
     )
     with torch.no_grad():
-        stats, res = expectation_2d(batch, model, sampling, mask.to(dev) if mask is not None else None)
+        stats, res = expectation(batch, model, sampling, mask.to(dev) if mask is not None else None)
     out = {"index": np.asarray(local, dtype=np.int64) + int(start)}
     for name in ParticleResult.__dataclass_fields__:
         out[name] = getattr(res, name).cpu().numpy()
@@ -264,7 +264,7 @@ def run_estep(
     origin_px: np.ndarray,
     table: ParticleTable,
     model: EStepModel,
-    sampling: Sampling2D,
+    sampling: Sampling,
     mask: torch.Tensor | None,
     device: str = "cpu",
     torch_threads: int = 0,

@@ -25,14 +25,14 @@ from autospa.data.particle_stack import ParticleStack
 from autospa.distributed.map_reduce import CTF_COLUMNS, ParticleTable, ctf_images, run_estep
 from autospa.errors import InputError
 from autospa.io import refine_files as rf
-from autospa.io.relion_particles import import_particles
-from autospa.io.zarr_store import open_store, read_store_images
+from autospa.io.zarr_store import open_store
+from autospa.jobs.refine_common import check_particles_input, initial_noise, input_store, per_particle_init, write_data_table
 from autospa.jobs.registry import check_abort, option_bool, option_float, option_int, register_job, resolve_path, succeed
 from autospa.numerics.masks import soft_circular_mask
 from autospa.refinement import init as rinit
 from autospa.refinement import mstep, schedule
 from autospa.refinement.accuracy import expected_accuracies
-from autospa.refinement.estep import EStepModel, Sampling2D, soft_mask_background
+from autospa.refinement.estep import EStepModel, Sampling
 from autospa.refinement.state import ModelState
 from autospa.refinement.vdam import vdam_update
 from autospa.report.class_gallery import class_gallery_png
@@ -143,30 +143,9 @@ def check_input(opts: Class2DOptions, continue_: bool = False) -> None:
         if not ckpt.is_file():
             raise InputError(ckpt, "no checkpoint to continue from (was the run started with this --o?)")
         return
-    src = Path(opts.input)
-    if not src.exists():
-        raise InputError(src, "input does not exist")
-    if not src.is_dir() and src.suffix.lower() != ".star":
-        raise InputError(src, "input must be a particles .star file or a particle store (.zarr folder)")
+    src = check_particles_input(opts.input)
     if opts.n_classes < 1:
         raise InputError(src, f"--K must be at least 1 (got {opts.n_classes})")
-
-
-def _input_store(opts: Class2DOptions, out_dir: Path) -> Path:
-    check_input(opts)
-    src = Path(opts.input)
-    if src.is_dir():
-        return src
-    store = out_dir / (Path(opts.output).name + "_particles.zarr")
-    if store.exists():
-        try:
-            attrs = open_store(store).dataset.attrs
-        except InputError:
-            attrs = {}
-        if attrs.get("source_star") == str(src) and attrs.get("source_mtime") in (None, src.stat().st_mtime):
-            return store
-    import_particles(src, store, dtype="float32", chunk_size=opts.store_chunk, overwrite=True)
-    return store
 
 
 def particle_table(stack: ParticleStack, use_ctf: bool) -> ParticleTable:
@@ -221,22 +200,8 @@ def coarse_window(psi_step_deg: float, current_size: int, min_size: int = 10) ->
 
 
 def _initialise(opts, stack: ParticleStack, store_path: Path, table: ParticleTable, mask: torch.Tensor | None, gen: torch.Generator) -> ModelState:
-    n, box = len(stack), stack.box
-    rng = np.random.default_rng(opts.random_seed)
-    n_groups = int(table.group.max()) + 1
-    sigma2 = torch.zeros(n_groups, box // 2 + 1, dtype=torch.float64)
-    seeds_from = []
-    for g in range(n_groups):
-        members = np.nonzero(table.group == g)[0]
-        pick = np.sort(rng.choice(members, size=min(1000, len(members)), replace=False))
-        imgs = torch.from_numpy(read_store_images(store_path, pick))
-        if mask is not None:
-            imgs = soft_mask_background(imgs, mask)
-        ps, isum, cnt = rinit.power_sums(imgs)
-        sigma2[g] = rinit.initial_sigma2(ps, isum, cnt)
-        seeds_from.append((pick, imgs))
-    pick = np.concatenate([p for p, _ in seeds_from])
-    imgs = torch.cat([i for _, i in seeds_from])
+    box = stack.box
+    sigma2, pick, imgs = initial_noise(store_path, table, mask, opts.random_seed)
     ctf = ctf_images(None if table.ctf_params is None else table.ctf_params[pick], len(pick), box, table.pixel_size_a, torch.device("cpu"))
     k = opts.n_classes
     seeds = rinit.seed_maps(imgs, ctf, k, sigma2[0].to(torch.float32), gen, pad=opts.pad)
@@ -332,25 +297,6 @@ def _model_star(root: Path, state: ModelState, opts: Class2DOptions, stack: Part
     return rf.write_model_star(Path(f"{root}_model.star"), general, classes, spectra, groups, noise)
 
 
-def _data_star(root: Path, stack: ParticleStack, pp: dict, pixel: float) -> Path:
-    optics, particles = stack.star_tables()
-    particles = particles.copy()
-    particles["rlnClassNumber"] = pp["class_index"] + 1
-    particles["rlnAnglePsi"] = pp["psi_deg"].astype(np.float64)
-    for lab in ("rlnAngleRot", "rlnAngleTilt"):
-        if lab not in particles:
-            particles[lab] = 0.0
-    particles["rlnOriginXAngst"] = pp["origin_px"][:, 0].astype(np.float64) * pixel
-    particles["rlnOriginYAngst"] = pp["origin_px"][:, 1].astype(np.float64) * pixel
-    particles["rlnLogLikeliContribution"] = pp["log_likelihood"].astype(np.float64)
-    particles["rlnMaxValueProbDistribution"] = pp["max_posterior"].astype(np.float64)
-    particles["rlnNrOfSignificantSamples"] = pp["n_significant"].astype(np.int64)
-    if "rlnNormCorrection" not in particles:
-        particles["rlnNormCorrection"] = 1.0
-    particles["rlnGroupNumber"] = pp["group"] + 1
-    return rf.write_data_star(Path(f"{root}_data.star"), optics, particles)
-
-
 def _write_iteration(root: Path, it: int, state: ModelState, opts: Class2DOptions, stack: ParticleStack, table: ParticleTable,
                      pp: dict, tau2_fudge_now: float, step_now: float, subset: int) -> None:
     pix = state.pixel_size_a
@@ -364,7 +310,7 @@ def _write_iteration(root: Path, it: int, state: ModelState, opts: Class2DOption
     sig = state.sigma2[torch.as_tensor(table.group[first])]
     rot, trans = expected_accuracies(mstep.reference_ft(state.refs, state.pad), ctf, sig, state.current_size, state.pad)
     _model_star(root, state, opts, stack, table, rot.numpy(), trans.numpy() * pix, tau2_fudge_now, moment_names)
-    _data_star(root, stack, pp, pix)
+    write_data_table(root, stack, pp, pix)
     rf.write_general_star(Path(f"{root}_sampling.star"), "sampling_general", {
         "rlnIs3DSampling": 0, "rlnIs3DTranslationalSampling": 0, "rlnPsiStep": opts.psi_step_deg,
         "rlnOffsetRange": opts.offset_range_px * pix, "rlnOffsetStep": opts.offset_step_px * pix,
@@ -394,20 +340,6 @@ def _write_iteration(root: Path, it: int, state: ModelState, opts: Class2DOption
 
 # --------------------------------------------------------------------------------------------
 # the run
-
-
-def _per_particle_init(stack: ParticleStack, table: ParticleTable) -> dict:
-    meta = stack.metadata
-    n = len(stack)
-    pix = table.pixel_size_a
-    ox = meta["OriginXAngst"].to_numpy(np.float64) / pix if "OriginXAngst" in meta else np.zeros(n)
-    oy = meta["OriginYAngst"].to_numpy(np.float64) / pix if "OriginYAngst" in meta else np.zeros(n)
-    psi = meta["AnglePsi"].to_numpy(np.float32) if "AnglePsi" in meta else np.zeros(n, np.float32)
-    return {
-        "class_index": np.zeros(n, np.int64), "psi_deg": psi, "origin_px": np.stack([ox, oy], 1).astype(np.float32),
-        "max_posterior": np.zeros(n, np.float32), "n_significant": np.zeros(n, np.int64),
-        "log_likelihood": np.zeros(n, np.float32), "group": table.group.copy(),
-    }
 
 
 def run_class2d(
@@ -449,7 +381,7 @@ def run_class2d(
             stored.n_iter = opts.n_iter
         stored.device, stored.torch_threads = opts.device, opts.torch_threads
         opts = stored
-    store_path = _input_store(opts, out_dir) if not continue_ else Path(ck["store"])
+    store_path = input_store(opts.input, opts.output, opts.store_chunk) if not continue_ else Path(ck["store"])
     stack = open_store(store_path)
     table = particle_table(stack, opts.ctf)
     n, box = len(stack), stack.box
@@ -467,7 +399,7 @@ def run_class2d(
         gen.set_state(ck["torch_rng"])
     else:
         state = _initialise(opts, stack, store_path, table, mask, gen)
-        pp = _per_particle_init(stack, table)
+        pp = per_particle_init(stack, table)
         it0 = 0
         root0 = rf.iteration_root(out_root, 0)
         rf.write_classes(Path(f"{root0}_classes.mrcs"), state.refs.numpy(), state.pixel_size_a)
@@ -491,7 +423,7 @@ def run_class2d(
         perturb = float(rng.uniform(-0.5, 0.5))
         # RELION's significance cap: --maxsig, else 5 K during gradient iterations, none in EM
         maxsig = opts.maxsig if opts.maxsig > 0 else (5 * opts.n_classes if opts.grad else 0)
-        sampling = Sampling2D(opts.psi_step_deg, opts.offset_range_px, opts.offset_step_px, perturb,
+        sampling = Sampling(opts.psi_step_deg, opts.offset_range_px, opts.offset_step_px, perturb,
                               opts.adaptive_fraction, maxsig)
         log_prior = torch.where(state.class_prior > 0, torch.log(state.class_prior.clamp_min(1e-300)),
                                 torch.full_like(state.class_prior, -torch.inf)).to(torch.float32)

@@ -60,7 +60,7 @@ def radius_grid(
     return torch.sqrt(r2).to(dtype)
 
 
-def _raised_cosine(r: torch.Tensor, radius: float, edge: float) -> torch.Tensor:
+def raised_cosine(r: torch.Tensor, radius: float, edge: float) -> torch.Tensor:
     if radius < 0 or edge < 0:
         raise ValueError(f"mask radius and edge must be >= 0 (got {radius}, {edge})")
     if edge == 0:
@@ -95,7 +95,7 @@ def soft_circular_mask(
     torch.Tensor
         ``(box, box)`` values in [0, 1].
     """
-    return _raised_cosine(radius_grid(box, 2, center, device, dtype), float(radius_px), float(edge_px))
+    return raised_cosine(radius_grid(box, 2, center, device, dtype), float(radius_px), float(edge_px))
 
 
 def soft_spherical_mask(
@@ -113,7 +113,7 @@ def soft_spherical_mask(
     torch.Tensor
         ``(box, box, box)`` values in [0, 1].
     """
-    return _raised_cosine(radius_grid(box, 3, center, device, dtype), float(radius_px), float(edge_px))
+    return raised_cosine(radius_grid(box, 3, center, device, dtype), float(radius_px), float(edge_px))
 
 
 def soft_mask_outside(
@@ -147,7 +147,7 @@ def soft_mask_outside(
     if any(s != box for s in x.shape[-ndim:]):
         raise ValueError(f"expected square/cubic ({box},)*{ndim} data, got {tuple(x.shape)}")
     work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    m = _raised_cosine(radius_grid(box, ndim, None, x.device, work.dtype), float(radius_px), float(edge_px))
+    m = raised_cosine(radius_grid(box, ndim, None, x.device, work.dtype), float(radius_px), float(edge_px))
     dims = tuple(range(-ndim, 0))
     if background is None:
         w = 1.0 - m

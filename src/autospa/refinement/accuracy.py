@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from autospa.numerics import slice2d
+from autospa.numerics import slices
 from autospa.refinement.estep import rfft_frequencies, window_indices
 
 LN100 = math.log(100.0)
@@ -55,7 +55,7 @@ def expected_accuracies(
     c2w = (ctf.reshape(m, -1)[:, idx] ** 2 / sigma2[:, shells_all[idx].clamp_max(sigma2.shape[1] - 1)]).mean(0)  # (F,)
     deltas = torch.cat([torch.arange(0.25, 5.0, 0.25), torch.arange(5.0, max_angle_deg + 1e-6, 1.0)]).to(ref_ft.device, torch.float64)
     psi = torch.cat([torch.zeros(1, dtype=torch.float64, device=ref_ft.device), deltas])
-    a = slice2d.rotate_gather(ref_ft, slice2d.interpolation_stencil(psi, f, box, pad))  # (K, 1+n, F)
+    a = slices.rotate_gather(ref_ft, slices.interpolation_stencil(psi, f, box, pad))  # (K, 1+n, F)
     diff = ((a[:, 1:] - a[:, :1]).abs() ** 2 * c2w).sum(-1) / 2  # (K, n)
     rot = _first_above(diff, deltas, max_angle_deg)
     shifts = torch.cat([torch.arange(0.1, 2.0, 0.1), torch.arange(2.0, max_shift_px + 1e-6, 0.5)]).to(ref_ft.device, f.dtype)

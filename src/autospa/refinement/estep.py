@@ -1,9 +1,11 @@
-"""The E-step shared by EM and VDAM, 2D (in-plane rotations) — DESIGN.md section 2.
+"""The E-step shared by EM and VDAM, 2D (in-plane rotations) and 3D (central slices) — DESIGN.md
+section 2.
 
-For a batch of particles and K references it scores every (class, psi, translation) hypothesis
-as batched matrix products, keeps the hypotheses holding the top ``adaptive_fraction`` of each
+For a batch of particles and K references it scores every (class, orientation, translation)
+hypothesis as batched matrix products (an orientation is a psi for 2D references, a HEALPix
+direction and psi for 3D maps), keeps the hypotheses holding the top ``adaptive_fraction`` of each
 particle's probability mass (coarse pass), re-scores their children on a grid twice as fine in
-psi and translation (fine pass), and returns additive sufficient statistics
+orientation and translation (fine pass, oversampling 1: 2 psi in 2D, 4 directions x 2 psi in 3D), and returns additive sufficient statistics
 (:class:`~autospa.refinement.statistics.SufficientStats`) plus each particle's best pose.
 
 Likelihood (RELION, reference/relion-vdam.md section 2.3): for the half-plane Fourier pixels
@@ -23,19 +25,32 @@ from dataclasses import dataclass
 
 import torch
 
-from autospa.numerics import slice2d
-from autospa.numerics.sampling import psi_grid, translation_grid
+from autospa.conventions import euler_to_matrix, psi_to_matrix_2d
+from autospa.numerics import slices
+from autospa.numerics.sampling import (
+    angular_sampling_deg,
+    healpix_max_pixrad,
+    oversampled_orientations_3d,
+    perturb_orientations_3d,
+    psi_grid,
+    psi_step,
+    remove_symmetry_equivalent_directions,
+    healpix_directions,
+    translation_grid,
+)
+from autospa.numerics.symmetry import point_group_matrices
 from autospa.refinement.statistics import SufficientStats
 
 
 @dataclass(frozen=True)
-class Sampling2D:
+class Sampling:
     """Sampling of one E-step.
 
     Attributes
     ----------
     psi_step_deg
-        Coarse in-plane step; the fine pass uses half of it (oversampling 1).
+        Coarse in-plane step of 2D references; the fine pass uses half of it (oversampling 1).
+        3D references use the HEALPix order's step (``360 / (6 * 2^order)``) instead.
     offset_range_px, offset_step_px
         Translation search around each particle's rounded previous origin; the fine pass uses
         half the step.
@@ -45,6 +60,10 @@ class Sampling2D:
         Probability mass kept by the significance pruning (RELION 0.999).
     max_significants
         Cap on the number of significant coarse hypotheses per particle (0 = none).
+    healpix_order
+        Coarse HEALPix order of 3D references (the fine pass uses order + 1); None for 2D.
+    symmetry
+        Point group of 3D references: symmetry-equivalent directions are left out of the grid.
     """
 
     psi_step_deg: float = 6.0
@@ -53,6 +72,8 @@ class Sampling2D:
     perturb: float = 0.0
     adaptive_fraction: float = 0.999
     max_significants: int = 0
+    healpix_order: int | None = None
+    symmetry: str = "C1"
 
 
 @dataclass
@@ -62,7 +83,8 @@ class EStepModel:
     Attributes
     ----------
     ref_ft
-        ``(K, P*D, P*D)`` complex padded references (gridding pre-corrected).
+        ``(K, P*D, P*D)`` (2D) or ``(K, P*D, P*D, P*D)`` (3D) complex padded references
+        (gridding pre-corrected, :func:`autospa.numerics.slices.pad_reference_ft`).
     sigma2
         ``(G, S)`` noise variance per component, per optics group and shell (S = D//2 + 1).
     log_class_prior
@@ -82,6 +104,11 @@ class EStepModel:
     current_size: int
     coarse_size: int
     pad: int = 2
+
+    @property
+    def ndim(self) -> int:
+        """2 for images, 3 for maps."""
+        return self.ref_ft.dim() - 1
 
     def to(self, device) -> "EStepModel":
         return EStepModel(self.ref_ft.to(device), self.sigma2.to(device), self.log_class_prior.to(device),
@@ -115,10 +142,13 @@ class ParticleBatch:
 
 @dataclass
 class ParticleResult:
-    """Per-particle outputs of the E-step (all ``(N,)`` or ``(N, 2)``)."""
+    """Per-particle outputs of the E-step (all ``(N,)`` or ``(N, 2)``); rot and tilt are 0 for
+    2D references."""
 
     class_index: torch.Tensor
     psi_deg: torch.Tensor
+    rot_deg: torch.Tensor
+    tilt_deg: torch.Tensor
     origin_px: torch.Tensor
     max_posterior: torch.Tensor
     n_significant: torch.Tensor
@@ -189,7 +219,7 @@ def integer_shift(images: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
 def centered_rfft2(images: torch.Tensor) -> torch.Tensor:
     """``rfft2(norm="forward")`` with the phase origin at the box centre ``(D//2, D//2)``.
 
-    References (:func:`autospa.numerics.slice2d.pad_reference_ft`) are transformed about the box
+    References (:func:`autospa.numerics.slices.pad_reference_ft`) are transformed about the box
     centre, where RELION puts the particle; images must be too, or every frequency of odd
     ``kx + ky`` would carry a spurious sign.
 
@@ -258,21 +288,22 @@ def row_threshold(weights: torch.Tensor, fraction: float, cap: int = 0) -> torch
     return srt.gather(1, first[:, None]).squeeze(1)
 
 
-def expectation_2d(
+def expectation(
     batch: ParticleBatch,
     model: EStepModel,
-    sampling: Sampling2D,
+    sampling: Sampling,
     mask: torch.Tensor | None,
     chunk_particles: int | None = None,
 ) -> tuple[SufficientStats, ParticleResult]:
-    """Run the 2D E-step on a batch of particles.
+    """Run the E-step on a batch of particles.
 
     Parameters
     ----------
     batch
         The particles (``N`` images of box ``D``).
     model
-        References, noise and priors (on any device: moved to the images' device).
+        References (2D images or 3D maps), noise and priors (on any device: moved to the images'
+        device).
     sampling
         Grids and pruning.
     mask
@@ -285,8 +316,8 @@ def expectation_2d(
     stats
         Additive sums (half-sets, classes) on the images' device.
     result
-        Per-particle best class, psi, origin, max posterior, number of significant samples and
-        log-likelihood.
+        Per-particle best class, orientation, origin, max posterior, number of significant
+        samples and log-likelihood.
     """
     device = batch.images.device
     model = model.to(device)
@@ -294,73 +325,186 @@ def expectation_2d(
     k = model.ref_ft.shape[0]
     n_groups, n_shells = model.sigma2.shape
     pd = model.ref_ft.shape[-1]
-    stats = SufficientStats.zeros(2, k, pd, device=device, n_groups=n_groups, n_shells=n_shells)
+    stats = SufficientStats.zeros(2, k, pd, device=device, n_groups=n_groups, n_shells=n_shells, ndim=model.ndim)
 
     prep = _prepare(model, sampling, box, device)
-    t_c, r_c = len(prep.trans_c), len(prep.psi_c)
+    t_c, r_c = len(prep.trans_c), prep.n_coarse
     if chunk_particles is None:
         # floats of the largest blocks per particle: coarse (T, K*R) scores; fine (rows, cols)
         # scores and (rows, 2F) phased images, rows = 4 x the translations holding significant
-        # hypotheses and cols = 2 x the significant (class, psi) pairs (all, or capped by maxsig)
-        budget = 32_000_000
+        # hypotheses and cols = C x the significant (class, orientation) pairs
+        # (the fine pass splits a chunk further into groups that fit, _expectation_chunk)
         cap = sampling.max_significants
         rows = 4 * (min(t_c, cap) if cap > 0 else t_c)
-        cols = min(k * 2 * r_c, 2 * cap) if cap > 0 else k * 2 * r_c
-        per_particle = max(t_c * k * r_c, rows * cols + rows * 2 * len(prep.idx_m))
-        chunk_particles = max(1, min(n, budget // max(1, per_particle)))
+        per_particle = t_c * k * r_c * 3 + rows * 2 * len(prep.idx_m)
+        chunk_particles = max(1, min(n, CHUNK_BUDGET // max(1, per_particle)))
+    n_cols = k * r_c * prep.n_children
+    # per-column sums of the whole call, back-projected once at the end when they fit
+    acc = None
+    if n > chunk_particles and n_cols * len(prep.idx_m) <= ACCUMULATE_MAX:
+        acc = (torch.zeros(2, n_cols, len(prep.idx_m), dtype=torch.complex64, device=device),
+               torch.zeros(2, n_cols, len(prep.idx_m), dtype=torch.float32, device=device))
     results = []
     for start in range(0, n, chunk_particles):
         sl = slice(start, min(n, start + chunk_particles))
         sub = ParticleBatch(batch.images[sl], batch.ctf[sl], batch.origin_px[sl], batch.group[sl], batch.half[sl])
-        results.append(_expectation_chunk(sub, model, sampling, mask, prep, stats))
+        results.extend(_expectation_chunk(sub, model, sampling, mask, prep, stats, acc))
+    if acc is not None:
+        used = torch.nonzero((acc[1] != 0).any(-1).any(0)).squeeze(1)
+        grids = _backproject_columns([acc[0][0, used], acc[0][1, used], acc[1][0, used], acc[1][1, used]], used, model, prep, box)
+        for h in range(2):
+            stats.data[h] += grids[h].to(stats.data.dtype)
+            stats.weight[h] += grids[2 + h].to(stats.weight.dtype)
     res = ParticleResult(*[torch.cat([getattr(r, f) for r in results]) for f in ParticleResult.__dataclass_fields__])
     return stats, res
 
 
+#: Largest per-column accumulator (columns x statistics-window pixels) of one E-step call.
+ACCUMULATE_MAX = 48_000_000
+
+
+#: Elements (floats) of the largest temporary blocks of one chunk of particles.
+CHUNK_BUDGET = 32_000_000
+
+
+def orientation_grid(sampling: Sampling, device=None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Coarse orientations and their fine-pass children (oversampling 1).
+
+    2D: RELION's psi grid ``j * step + perturb * step`` and children ``psi -/+ step / 4``.
+    3D: HEALPix directions of ``sampling.healpix_order`` (symmetry mates removed) x psi at the
+    order's step, rotated by RELION's perturbation; children are the 4 directions of order + 1
+    inside each pixel x 2 psi.
+
+    Returns
+    -------
+    coarse
+        ``(R, 3)`` (rot, tilt, psi) degrees (rot = tilt = 0 in 2D).
+    fine
+        ``(R, C, 3)`` children of each coarse orientation (C = 2 in 2D, 8 in 3D).
+    step
+        Coarse angular step in degrees.
+    """
+    if sampling.healpix_order is None:
+        step = psi_step(sampling.psi_step_deg)
+        psi_c = psi_grid(sampling.psi_step_deg, offset_deg=sampling.perturb * step, device=device)
+        psi_f = torch.stack([psi_c - step / 4, psi_c + step / 4], 1)  # child 2r+j
+        zc, zf = torch.zeros_like(psi_c), torch.zeros_like(psi_f)
+        return torch.stack([zc, zc, psi_c], -1), torch.stack([zf, zf, psi_f], -1), step
+    order = int(sampling.healpix_order)
+    step = angular_sampling_deg(order)
+    dirs = healpix_directions(order, device=device)
+    pix = torch.arange(dirs.shape[0], device=dirs.device)
+    if sampling.symmetry.upper() != "C1":
+        ops = point_group_matrices(sampling.symmetry, device=dirs.device)
+        max_ang = 0.5 * math.degrees(healpix_max_pixrad(order))
+        keep = remove_symmetry_equivalent_directions(dirs[:, 0], dirs[:, 1], ops, max_ang, sampling.symmetry)
+        dirs, pix = dirs[keep], pix[keep]
+    psi = psi_grid(step, device=dirs.device)
+    n_d, n_p = dirs.shape[0], psi.shape[0]
+    coarse = torch.cat([dirs[:, None, :].expand(-1, n_p, -1), psi[None, :, None].expand(n_d, -1, -1)], -1).reshape(-1, 3)
+    fine = oversampled_orientations_3d(order, pix.repeat_interleave(n_p), coarse[:, 2], step, 1)  # (R, 8, 3)
+    if sampling.perturb != 0.0:
+        coarse = perturb_orientations_3d(coarse, sampling.perturb, step)
+        fine = perturb_orientations_3d(fine, sampling.perturb, step)
+    return coarse, fine, step
+
+
+def rotation_matrices(angles_deg: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``(..., n, n)`` rotations of ``(..., 3)`` (rot, tilt, psi): psi's 2x2 matrix for 2D
+    references, RELION's Euler matrix A for 3D maps."""
+    if ndim == 2:
+        return psi_to_matrix_2d(angles_deg[..., 2])
+    return euler_to_matrix(angles_deg[..., 0], angles_deg[..., 1], angles_deg[..., 2])
+
+
 @dataclass
 class _Prepared:
-    """Grids, stencils and rotated references shared by every chunk of one E-step."""
+    """Grids, stencils and projected references shared by every chunk of one E-step."""
 
-    psi_c: torch.Tensor
+    n_coarse: int
+    n_children: int
     trans_c: torch.Tensor
     idx_c: torch.Tensor
-    a_c: torch.Tensor  # (K*R, Fc)
+    a_c: torch.Tensor  # (K*R, Fc) coarse slices
     ph_c: torch.Tensor  # (T, Fc)
-    psi_f: torch.Tensor
+    fine_angles: torch.Tensor  # (R*C, 3)
+    fine_mats: torch.Tensor  # (R*C, n, n)
     idx_f: torch.Tensor
-    a_flat: torch.Tensor  # (K*2R, Ff)
+    f_f: torch.Tensor  # (Ff, 2) frequencies of the fine window
+    fine_table: torch.Tensor | None  # (K*R*C, Ff) all fine slices when small enough
     trans_f: torch.Tensor  # (4T, 2) fine translations, children 4t..4t+3 of coarse t
     ph_f: torch.Tensor  # (4T, Ff) phases of the fine translations on the fine window
     ph_m: torch.Tensor  # (4T, Fm) the same on the statistics window
-    a_pow: torch.Tensor  # (K*2R, Ff) |A|^2
     idx_m: torch.Tensor
-    st_m: slice2d.Interp2D
-    psi_step: float
+    f_m: torch.Tensor  # (Fm, 2)
+    step: float
 
 
-def _prepare(model: EStepModel, sampling: Sampling2D, box: int, device) -> _Prepared:
+#: Largest table of all fine slices (complex values) kept for a whole E-step; bigger grids
+#: (fine 3D sampling) project the live columns of each chunk only.
+FINE_TABLE_MAX = 16_000_000
+
+
+def _prepare(model: EStepModel, sampling: Sampling, box: int, device) -> _Prepared:
     k = model.ref_ft.shape[0]
     pad = model.pad
+    ndim = model.ndim
+    if (sampling.healpix_order is None) != (ndim == 2):
+        raise ValueError("2D references need Sampling.healpix_order None; 3D maps need a HEALPix order")
     freqs_all, _ = rfft_frequencies(box, device)
-    n_psi = len(psi_grid(sampling.psi_step_deg))
-    step = 360.0 / n_psi
-    psi_c = psi_grid(sampling.psi_step_deg, offset_deg=sampling.perturb * step, device=device)  # RELION's j * step
+    coarse, fine, step = orientation_grid(sampling, device)
+    r_c, n_ch = coarse.shape[0], fine.shape[1]
     trans_c = translation_grid(sampling.offset_range_px, sampling.offset_step_px, dtype=torch.float32, device=device)
     idx_c = window_indices(box, model.coarse_size, device)
     f_c = freqs_all[idx_c]
-    a_c = slice2d.rotate_gather(model.ref_ft, slice2d.interpolation_stencil(psi_c, f_c, box, pad)).reshape(k * len(psi_c), -1)
-    psi_f = torch.stack([psi_c - step / 4, psi_c + step / 4], 1).reshape(-1)  # (2R,) child 2r+j
+    a_c = slices.rotate_gather(model.ref_ft, slices.stencil(rotation_matrices(coarse, ndim), f_c, box, pad)).reshape(k * r_c, -1)
+    fine_angles = fine.reshape(-1, 3)
+    fine_mats = rotation_matrices(fine_angles, ndim)
     idx_f = window_indices(box, model.current_size, device)
-    a_f = slice2d.rotate_gather(model.ref_ft, slice2d.interpolation_stencil(psi_f, freqs_all[idx_f], box, pad))
-    a_flat = a_f.reshape(k * len(psi_f), -1)
+    f_f = freqs_all[idx_f]
     idx_m = window_indices(box, model.current_size, device, include_dc=True)
-    st_m = slice2d.interpolation_stencil(psi_f, freqs_all[idx_m], box, pad)
     q = sampling.offset_step_px / 4
     child_t = torch.tensor([[-q, -q], [q, -q], [-q, q], [q, q]], device=device, dtype=trans_c.dtype)
     trans_f = (trans_c[:, None, :] + child_t[None]).reshape(-1, 2)
-    return _Prepared(psi_c, trans_c, idx_c, a_c, _phases(f_c, trans_c, box), psi_f, idx_f, a_flat,
-                     trans_f, _phases(freqs_all[idx_f], trans_f, box), _phases(freqs_all[idx_m], trans_f, box),
-                     a_flat.real**2 + a_flat.imag**2, idx_m, st_m, step)
+    prep = _Prepared(r_c, n_ch, trans_c, idx_c, a_c, _phases(f_c, trans_c, box), fine_angles, fine_mats, idx_f, f_f, None,
+                     trans_f, _phases(f_f, trans_f, box), _phases(freqs_all[idx_m], trans_f, box), idx_m, freqs_all[idx_m], step)
+    if k * r_c * n_ch * len(idx_f) <= FINE_TABLE_MAX:
+        prep.fine_table = _fine_columns(model, prep, torch.arange(k * r_c * n_ch, device=device), box)
+    return prep
+
+
+#: Columns projected or back-projected together (bounds the stencil's memory).
+COLUMN_BLOCK = 2048
+
+
+def _fine_columns(model: EStepModel, prep: _Prepared, cols: torch.Tensor, box: int) -> torch.Tensor:
+    """Fine slices ``(L, Ff)`` of the global fine columns ``cols`` (class * R*C + orientation)."""
+    if prep.fine_table is not None:
+        return prep.fine_table[cols]
+    rc = prep.fine_mats.shape[0]
+    out = []
+    for s in range(0, len(cols), COLUMN_BLOCK):
+        c = cols[s : s + COLUMN_BLOCK]
+        st = slices.stencil(prep.fine_mats[c % rc], prep.f_f, box, model.pad)
+        out.append(slices.gather_columns(model.ref_ft, c // rc, st))
+    return torch.cat(out) if out else model.ref_ft.new_zeros((0, len(prep.idx_f)))
+
+
+def _backproject_columns(values: list[torch.Tensor], cols: torch.Tensor, model: EStepModel, prep: _Prepared,
+                         box: int) -> list[torch.Tensor]:
+    """Adjoint of the fine projection on the statistics window: each ``(L, Fm)`` array of
+    ``values`` (per-column sums of the global columns ``cols``) spread onto the classes' padded
+    grids and Hermitian-completed; one stencil per block of columns serves all arrays."""
+    k = model.ref_ft.shape[0]
+    rc = prep.fine_mats.shape[0]
+    grid = (k,) + (model.ref_ft.shape[-1],) * model.ndim
+    out = [v.new_zeros(grid) for v in values]
+    for s in range(0, len(cols), COLUMN_BLOCK):
+        c = cols[s : s + COLUMN_BLOCK]
+        st = slices.stencil(prep.fine_mats[c % rc], prep.f_m, box, model.pad)
+        for o, v in zip(out, values):
+            o += slices.scatter_columns(v[s : s + COLUMN_BLOCK], c // rc, st, k)
+    return [slices.hermitian_complete(o, model.ndim) for o in out]
 
 
 def _real_gemm(left: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
@@ -374,7 +518,7 @@ def _real_gemm(left: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
 DENSE_FINE_COLUMNS = 0.3
 
 
-def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half, bsum, prep):
+def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half, bsum, prep, a_cols):
     """Fine pass by GEMMs over the rows: scores, data sums and residual cross terms.
 
     The element-wise work (priors, exponentials, normalisation) runs on the whole ``(U, K*2R)``
@@ -382,7 +526,7 @@ def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, co
     """
     device = pw_f.device
     ph_rows = prep.ph_f[row_tf]  # (U, Ff)
-    cross = _real_gemm(pw_f[row_p] * ph_rows, prep.a_flat)  # (U, K*2R)
+    cross = _real_gemm(pw_f[row_p] * ph_rows, a_cols)  # (U, K*2R)
     n_rows, n_cols = cross.shape
     if float(colmask.sum()) > 0.25 * colmask.numel():
         logw = cross
@@ -425,12 +569,12 @@ def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, co
         qr = q0[row_p[rows]] * prep.ph_m[row_tf[rows]]  # (U_h, Fm)
         g_h = gam[rows]
         bsum[h] += torch.complex(g_h.T @ qr.real, g_h.T @ qr.imag)
-    m_rows = torch.complex(gam @ prep.a_flat.real, gam @ prep.a_flat.imag)  # (U, Ff) posterior-mean reference
+    m_rows = torch.complex(gam @ a_cols.real, gam @ a_cols.imag)  # (U, Ff) posterior-mean reference
     cross_pix = torch.zeros_like(x_f.real).index_add_(0, row_p, (x_f[row_p] * ph_rows * torch.conj(m_rows)).real)
     return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, gam.sum(1, dtype=torch.float64)
 
 
-def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half, bsum, prep):
+def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half, bsum, prep, a_cols):
     """Fine pass as per-particle blocks: batched GEMMs over each particle's live rows and columns.
 
     A particle's rows are its fine translations (children of coarse translations holding a
@@ -474,7 +618,7 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
 
     ph = prep.ph_f[row_tf[rows_c]]  # (N, u, Ff)
     p_blk = pw_f[:, None, :] * ph
-    a_blk = prep.a_flat[cols]  # (N, c, Ff)
+    a_blk = a_cols[cols]  # (N, c, Ff)
     logw = torch.bmm(torch.cat([p_blk.real, p_blk.imag], -1), torch.cat([a_blk.real, a_blk.imag], -1).transpose(1, 2))
     del p_blk
     ar = torch.arange(n, device=device)[:, None]
@@ -508,13 +652,91 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
     return mx, s_i, best_row, best_col, gmax, g_part, cross_pix.to(rdt), g_rows
 
 
-def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats) -> ParticleResult:
+def _fine_sparse(n, sig, live_c, par_key, n_t, pw_f, norm_f, xnorm_f, rounded, s_off2, col_prior, x_f, q0, half, bsum,
+                 prep, a_cols):
+    """Fine pass hypothesis by hypothesis: the children of each significant coarse
+    (translation, class, orientation) are scored as a small (4 translations x C orientations)
+    GEMM, batched over the hypotheses (RELION's own scheme). The work follows the number of
+    significant hypotheses, not the product of a particle's live rows and columns.
+
+    Returns the same tuple as :func:`_fine_blocks` (rows: ``par_key`` order x 4 children).
+    """
+    device = pw_f.device
+    n_ch = prep.n_children
+    hp, ht, hc = torch.nonzero(sig, as_tuple=True)  # hypotheses, sorted by particle
+    n_hyp = len(hp)
+    lc = torch.searchsorted(live_c, hc)  # local coarse column
+    kids = torch.arange(n_ch, device=device)
+    four = torch.arange(4, device=device)
+    n_cols = len(live_c) * n_ch
+    logw = torch.empty(n_hyp, 4, n_ch, dtype=pw_f.real.dtype, device=device)
+    ff = pw_f.shape[1]
+    step = max(1, 64_000_000 // max(1, (4 + n_ch) * ff * 4))
+    for s in range(0, n_hyp, step):
+        e = slice(s, s + step)
+        p, t, c = hp[e], ht[e], lc[e]
+        tf = t[:, None] * 4 + four  # (s, 4)
+        col = c[:, None] * n_ch + kids  # (s, C)
+        ph = pw_f[p][:, None, :] * prep.ph_f[tf]
+        a = a_cols[col]
+        lw = torch.bmm(torch.cat([ph.real, ph.imag], -1), torch.cat([a.real, a.imag], -1).transpose(1, 2))
+        lw -= 0.5 * (xnorm_f[p][:, None, None] + norm_f[p[:, None], col][:, None, :])
+        lw -= ((rounded[p][:, None, :] + prep.trans_f[tf]) ** 2).sum(-1)[:, :, None] / (2 * s_off2)
+        lw += col_prior[col][:, None, :]
+        logw[e] = lw
+    flat = logw.reshape(n_hyp, -1)
+    hmax, harg = flat.max(1)
+    mx = torch.full((n,), -torch.inf, device=device, dtype=flat.dtype).scatter_reduce(0, hp, hmax, reduce="amax")
+    gam = torch.exp(logw - mx[hp][:, None, None])
+    s_i = torch.zeros(n, device=device, dtype=torch.float64).index_add_(0, hp, gam.sum((1, 2), dtype=torch.float64))
+    gam = (gam.to(torch.float64) / s_i[hp][:, None, None]).to(logw.dtype)
+    # best entry per particle
+    gh = gam.reshape(n_hyp, -1).gather(1, harg[:, None]).squeeze(1)
+    gmax = torch.zeros(n, device=device, dtype=gam.dtype).scatter_reduce(0, hp, gh, reduce="amax")
+    h_idx = torch.arange(n_hyp, device=device)
+    best_h = torch.full((n,), n_hyp, device=device, dtype=torch.long).scatter_reduce(
+        0, hp, torch.where(gh >= gmax[hp], h_idx, torch.full_like(h_idx, n_hyp)), reduce="amin")
+    b_t, b_c = harg[best_h] // n_ch, harg[best_h] % n_ch
+    row_of = torch.searchsorted(par_key, hp * n_t + ht)  # parent row of each hypothesis
+    best_row = row_of[best_h] * 4 + b_t
+    best_col = lc[best_h] * n_ch + b_c
+    # statistics
+    col_all = lc[:, None] * n_ch + kids  # (S, C)
+    g_part = torch.zeros(n * n_cols, device=device, dtype=gam.dtype).index_add_(
+        0, (hp[:, None] * n_cols + col_all).reshape(-1), gam.sum(1).reshape(-1)).reshape(n, n_cols)
+    g_rows = torch.zeros(len(par_key) * 4, device=device, dtype=torch.float64).index_add_(
+        0, (row_of[:, None] * 4 + four).reshape(-1), gam.sum(2, dtype=torch.float64).reshape(-1))
+    cross_pix = torch.zeros_like(x_f.real)
+    fm = q0.shape[1]
+    step = max(1, 64_000_000 // max(1, (4 + n_ch) * max(ff, fm) * 4))
+    for s in range(0, n_hyp, step):
+        e = slice(s, s + step)
+        p, t, g = hp[e], ht[e], gam[e]
+        tf = t[:, None] * 4 + four
+        col = col_all[e]
+        qr = q0[p][:, None, :] * prep.ph_m[tf]  # (s, 4, Fm)
+        gt = g.transpose(1, 2)  # (s, C, 4)
+        z = torch.complex(torch.bmm(gt, qr.real), torch.bmm(gt, qr.imag))  # (s, C, Fm)
+        key = half[p][:, None] * n_cols + col
+        bsum.view(-1, bsum.shape[-1]).index_add_(0, key.reshape(-1), z.reshape(-1, fm))
+        a = a_cols[col]
+        m = torch.complex(torch.bmm(g, a.real), torch.bmm(g, a.imag))  # (s, 4, Ff)
+        cross_pix.index_add_(0, p, (x_f[p][:, None, :] * prep.ph_f[tf] * torch.conj(m)).real.sum(1))
+    return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, g_rows
+
+
+#: The fine pass goes hypothesis by hypothesis when the per-particle blocks would hold more than
+#: this many times the live entries.
+SPARSE_FINE_WASTE = 30.0
+
+
+def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats, acc=None) -> list[ParticleResult]:
     device = batch.images.device
     n, box, _ = batch.images.shape
     k = model.ref_ft.shape[0]
     freqs_all, shells_all = rfft_frequencies(box, device)
     rounded = batch.origin_px.round()
-    trans_c, psi_c = prep.trans_c, prep.psi_c
+    trans_c, r_n = prep.trans_c, prep.n_coarse
 
     # --- image preparation: shift by +round(origin), mask, FFT (RELION section 2.1)
     shifted = integer_shift(batch.images, rounded)
@@ -523,89 +745,144 @@ def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats) -> 
     x_full = centered_rfft2(shifted).reshape(n, -1)
     ctf_all = batch.ctf.reshape(n, -1)
     inv_s2_all = 1.0 / model.sigma2[batch.group][:, shells_all.clamp_max(model.sigma2.shape[1] - 1)]  # (N, Fall)
-    log_prior_k = model.log_class_prior
     s_off2 = max(model.sigma_offset_px, 1e-3) ** 2
 
-    # --- coarse pass: every (translation, class, psi) as one GEMM
+    # --- coarse pass: every (translation, class, orientation) as one GEMM
     idx_c, a_c = prep.idx_c, prep.a_c
     x_c, ctf_c, w_c = x_mask[:, idx_c], ctf_all[:, idx_c], inv_s2_all[:, idx_c]
-    r_n, t_c = len(psi_c), len(trans_c)
+    t_c = len(trans_c)
     p_c = ((ctf_c * w_c * x_c)[:, None, :] * prep.ph_c[None]).reshape(n * t_c, -1)  # (N*T, Fc)
-    cross = _real_gemm(p_c, a_c).reshape(n, t_c, -1)  # (N, T, KR)
+    logw = _real_gemm(p_c, a_c).reshape(n, t_c, -1)  # (N, T, KR)
     del p_c
     norm = (ctf_c**2 * w_c) @ (a_c.real**2 + a_c.imag**2).T  # (N, KR)
     xnorm = ((x_c.real**2 + x_c.imag**2) * w_c).sum(-1)  # (N,)
     log_off = -((rounded[:, None, :] + trans_c[None]) ** 2).sum(-1) / (2 * s_off2)  # (N, T)
-    logw = cross - 0.5 * (xnorm[:, None, None] + norm[:, None, :]) + log_off[:, :, None]
-    logw += log_prior_k.repeat_interleave(r_n)[None, None, :]
-    del cross
+    logw -= 0.5 * (xnorm[:, None, None] + norm[:, None, :])
+    logw += log_off[:, :, None]
+    logw += model.log_class_prior.repeat_interleave(r_n)[None, None, :]
     logw = logw.reshape(n, -1)
     w = torch.exp(logw - logw.amax(1, keepdim=True))  # (N, T*KR)
     del logw
     thr = row_threshold(w, sampling.adaptive_fraction, sampling.max_significants)
     sig = (w >= thr[:, None]) & (w > 0)
-    n_sig = sig.sum(1)
-    sig = sig.reshape(n, t_c, k, r_n)
     del w
+    n_sig = sig.sum(1)
+    sig = sig.reshape(n, t_c, k * r_n)
 
-    # --- fine pass: children (2 psi x 4 translations) of the significant coarse hypotheses.
-    # Rows are (particle, fine translation) pairs whose parent translation holds a significant
-    # hypothesis; columns are all (class, fine psi); entries whose parent (class, psi) was not
-    # significant are out. Dense rows (broad posteriors, EM's first iterations) are scored as one
-    # GEMM; sparse ones (sharp posteriors, or VDAM's significance cap) entry by entry.
-    idx_f, psi_f = prep.idx_f, prep.psi_f
-    r_f = len(psi_f)
-    x_f, ctf_f, w_f = x_mask[:, idx_f], ctf_all[:, idx_f], inv_s2_all[:, idx_f]
-    par_p, par_t = torch.nonzero(sig.any(-1).any(-1), as_tuple=True)  # parent rows
+    # --- fine pass over groups of particles whose (rows x live columns) block fits the budget
+    live_per_particle = sig.any(1).sum(1)  # (N,) significant coarse columns
+    rows_per_particle = sig.any(2).sum(1) * 4
+    out, start = [], 0
+    n_cols = k * r_n * prep.n_children
+    while start < n:
+        stop, cols_sum, rows_sum = start, 0, 0
+        while stop < n:
+            c_new = min(n_cols, cols_sum + int(live_per_particle[stop]) * prep.n_children)
+            r_new = rows_sum + int(rows_per_particle[stop])
+            if stop > start and c_new * r_new > CHUNK_BUDGET:
+                break
+            cols_sum, rows_sum, stop = c_new, r_new, stop + 1
+        sl = slice(start, stop)
+        out.append(_fine_pass(batch, sl, sig[sl], n_sig[sl], model, prep, stats, rounded[sl], x_mask[sl], x_full[sl],
+                              ctf_all[sl], inv_s2_all[sl], s_off2, freqs_all, shells_all, acc))
+        start = stop
+    return out
+
+
+def _fine_pass(batch, sl, sig, n_sig, model, prep: _Prepared, stats, rounded, x_mask, x_full, ctf_all, inv_s2_all, s_off2,
+               freqs_all, shells_all, acc=None) -> ParticleResult:
+    """Children (C orientations x 4 translations) of the significant coarse hypotheses of
+    particles ``sl``: scores, posteriors, statistics and the best pose.
+
+    Rows are (particle, fine translation) pairs whose parent translation holds a significant
+    hypothesis; columns are the children of the (class, orientation) pairs significant for some
+    particle of the group (compacted: only those are projected); entries whose parent was not
+    significant for the row's particle are out. Broad posteriors (EM's first iterations) are
+    scored as one GEMM shared by all rows; sparse ones per particle (batched GEMMs).
+    """
+    device = x_mask.device
+    n = sig.shape[0]
+    box = batch.images.shape[-1]
+    k = model.ref_ft.shape[0]
+    n_ch = prep.n_children
+    rc = prep.fine_mats.shape[0]
+    half = batch.half[sl]
+    group = batch.group[sl]
+    # live coarse columns of the group and their fine children (global column ids)
+    live_c = torch.nonzero(sig.any(0).any(0)).squeeze(1)  # (Lc,) class * R + r
+    cols = (live_c[:, None] * n_ch + torch.arange(n_ch, device=device)[None]).reshape(-1)  # (L,) class * R*C + o
+    sig_l = sig[:, :, live_c]  # (N, T, Lc)
+    par_p, par_t = torch.nonzero(sig_l.any(-1), as_tuple=True)  # parent rows
     row_p = par_p.repeat_interleave(4)
     row_tf = (par_t[:, None] * 4 + torch.arange(4, device=device)[None]).reshape(-1)  # index into prep.trans_f
     row_t = prep.trans_f[row_tf]  # (U, 2)
-    colmask = sig[par_p, par_t].repeat_interleave(2, dim=-1).reshape(len(par_p), 1, -1).expand(-1, 4, -1)
-    colmask = colmask.reshape(len(row_p), -1)  # (U, K*2R)
+    # path: one shared GEMM (broad posteriors), per-particle blocks, or hypothesis by hypothesis
+    n_live = sig_l.any(1).sum(1) * n_ch  # (N,) live fine columns per particle
+    rows_pp = sig_l.any(2).sum(1) * 4
+    dense = float(n_live.max()) > DENSE_FINE_COLUMNS * len(cols)
+    sparse = not dense and float(rows_pp.max()) * float(n_live.max()) * n > SPARSE_FINE_WASTE * float(sig_l.sum()) * 4 * n_ch
+    colmask = None
+    if not sparse:
+        colmask = sig_l[par_p, par_t].repeat_interleave(n_ch, dim=-1)[:, None, :].expand(-1, 4, -1).reshape(len(row_p), -1)
+    a_cols = _fine_columns(model, prep, cols, box)  # (L, Ff)
+    col_class = cols // rc
+
+    idx_f = prep.idx_f
+    x_f, ctf_f, w_f = x_mask[:, idx_f], ctf_all[:, idx_f], inv_s2_all[:, idx_f]
     pw_f = ctf_f * w_f * x_f  # (N, Ff)
-    norm_f = (ctf_f**2 * w_f) @ prep.a_pow.T  # (N, K*2R)
+    a_pow = a_cols.real**2 + a_cols.imag**2
+    norm_f = (ctf_f**2 * w_f) @ a_pow.T  # (N, L)
     xnorm_f = ((x_f.real**2 + x_f.imag**2) * w_f).sum(-1)  # (N,)
     row_logoff = -((rounded[row_p] + row_t) ** 2).sum(-1) / (2 * s_off2)  # (U,)
-    col_prior = log_prior_k.repeat_interleave(r_f)  # (K*2R,)
+    col_prior = model.log_class_prior[col_class]  # (L,)
 
     # data for the statistics
     idx_m = prep.idx_m
-    f_m = freqs_all[idx_m]
-    dc_half = torch.where((f_m == 0).all(-1), 0.5, 1.0).to(x_f.real.dtype)  # DC is completed twice
+    dc_half = torch.where((prep.f_m == 0).all(-1), 0.5, 1.0).to(x_f.real.dtype)  # DC is completed twice
     c_m, w_m = ctf_all[:, idx_m], inv_s2_all[:, idx_m]
     q0 = c_m * w_m * x_full[:, idx_m] * dc_half  # (N, Fm) unmasked image, for the reconstruction
     c2 = c_m**2 * w_m * dc_half  # (N, Fm)
-    bsum = torch.zeros(2, k * r_f, len(idx_m), dtype=q0.dtype, device=device)
+    bsum = torch.zeros(2, len(cols), len(idx_m), dtype=q0.dtype, device=device)
 
-    # Most columns live (broad posteriors: EM's first iterations): one GEMM shared by all rows;
-    # otherwise per-particle blocks that follow each posterior's support.
-    live_cols = torch.zeros(n, colmask.shape[1], dtype=torch.int32, device=device).index_add_(
-        0, row_p, colmask.to(torch.int32)) > 0
-    fine_pass = _fine_dense if float(live_cols.sum(1).max()) > DENSE_FINE_COLUMNS * colmask.shape[1] else _fine_blocks
-    fine = fine_pass(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, batch.half, bsum, prep)
+    if dense:
+        fine = _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half, bsum,
+                           prep, a_cols)
+    elif sparse:
+        t_c = sig.shape[1]
+        fine = _fine_sparse(n, sig, live_c, par_p * t_c + par_t, t_c, pw_f, norm_f, xnorm_f, rounded, s_off2, col_prior,
+                            x_f, q0, half, bsum, prep, a_cols)
+    else:
+        fine = _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half,
+                            bsum, prep, a_cols)
     mx, s_i, best_row, best_col, gmax, g_part, cross_pix, g_rows = fine
 
     log_norm = torch.log(2 * math.pi / w_f).sum(-1)  # sum over the window of log(2 pi sigma2)
     ll = (mx.to(torch.float64) + torch.log(s_i)).to(xnorm_f.dtype) - log_norm
     for h in range(2):
-        parts = batch.half == h
+        parts = half == h
         if not bool(parts.any()):
             continue
-        f_h = g_part[parts].T @ c2[parts]  # (K*2R, Fm)
-        stats.data[h] += slice2d.hermitian_complete(slice2d.rotate_scatter(bsum[h].reshape(k, r_f, -1), prep.st_m)).to(stats.data.dtype)
-        stats.weight[h] += slice2d.hermitian_complete(slice2d.rotate_scatter(f_h.reshape(k, r_f, -1), prep.st_m)).to(stats.weight.dtype)
-        stats.class_weight[h] += g_part[parts].reshape(-1, k, r_f).sum((0, 2)).to(torch.float64)
+        f_h = g_part[parts].T @ c2[parts]  # (L, Fm)
+        if acc is not None:  # back-projected once per call
+            acc[0][h].index_add_(0, cols, bsum[h].to(acc[0].dtype))
+            acc[1][h].index_add_(0, cols, f_h.to(acc[1].dtype))
+        else:
+            d_h, w_h = _backproject_columns([bsum[h], f_h], cols, model, prep, box)
+            stats.data[h] += d_h.to(stats.data.dtype)
+            stats.weight[h] += w_h.to(stats.weight.dtype)
+        stats.class_weight[h] += torch.zeros(k, dtype=torch.float64, device=device).index_add_(
+            0, col_class, g_part[parts].sum(0, dtype=torch.float64))
     # residual power |X_t - C A|^2 = |X|^2 - 2 C Re(X_t conj(A)) + C^2 |A|^2, posterior-weighted
-    resid = (x_f.real**2 + x_f.imag**2) * g_part.sum(1, keepdim=True) - 2 * ctf_f * cross_pix + ctf_f**2 * (g_part @ prep.a_pow)
+    resid = (x_f.real**2 + x_f.imag**2) * g_part.sum(1, keepdim=True) - 2 * ctf_f * cross_pix + ctf_f**2 * (g_part @ a_pow)
     # noise power per group and shell: residuals inside the window + image power beyond it
     shells_f = shells_all[idx_f]
     beyond = torch.ones(len(shells_all), dtype=torch.bool, device=device)
-    beyond[window_indices(box, model.current_size, device, include_dc=True)] = False
+    beyond[idx_m] = False
     beyond &= ~((freqs_all[:, 0] == 0) & (freqs_all[:, 1] < 0))
     beyond &= shells_all < n_shells_of(stats)
     pow_beyond = x_mask[:, beyond].abs() ** 2
-    for g_ in torch.unique(batch.group):
-        sel = batch.group == g_
+    for g_ in torch.unique(group):
+        sel = group == g_
         stats.noise_power[g_] += torch.zeros(n_shells_of(stats), dtype=torch.float64, device=device).index_add_(
             0, shells_f, resid[sel].sum(0).to(torch.float64)).index_add_(
             0, shells_all[beyond], pow_beyond[sel].sum(0).to(torch.float64))
@@ -615,14 +892,23 @@ def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats) -> 
     stats.log_likelihood += ll.to(torch.float64).sum()
     stats.max_posterior += gmax.to(torch.float64).sum()
     stats.n_particles += n
+    best = cols[best_col]
+    ang = prep.fine_angles[best % rc]
     return ParticleResult(
-        class_index=best_col // r_f,
-        psi_deg=torch.remainder(psi_f[best_col % r_f], 360.0).to(torch.float32),
+        class_index=best // rc,
+        psi_deg=_wrap180(ang[:, 2]) if model.ndim == 3 else torch.remainder(ang[:, 2], 360.0).to(torch.float32),
+        rot_deg=_wrap180(ang[:, 0]),
+        tilt_deg=ang[:, 1].to(torch.float32),
         origin_px=(rounded + prep.trans_f[row_tf[best_row]]).to(torch.float32),
         max_posterior=gmax.to(torch.float32),
         n_significant=n_sig,
         log_likelihood=ll.to(torch.float32),
     )
+
+
+def _wrap180(angle_deg: torch.Tensor) -> torch.Tensor:
+    """Angles in (-180, 180] (RELION's range for rot and psi of 3D refinements)."""
+    return (180.0 - torch.remainder(180.0 - angle_deg, 360.0)).to(torch.float32)
 
 
 def n_shells_of(stats: SufficientStats) -> int:

@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from autospa.numerics import slice2d
+from autospa.conventions import euler_to_matrix, psi_to_matrix_2d
+from autospa.numerics import slices
 from autospa.refinement.estep import centered_rfft2, rfft_frequencies, window_indices
 from autospa.refinement.mstep import soft_edge
 
@@ -64,10 +65,12 @@ def initial_sigma2(shell_power_sum: torch.Tensor, image_sum: torch.Tensor, n: in
 
 
 def seed_maps(
-    images: torch.Tensor, ctf: torch.Tensor, n_classes: int, sigma2: torch.Tensor, generator: torch.Generator, pad: int = 2
+    images: torch.Tensor, ctf: torch.Tensor, n_classes: int, sigma2: torch.Tensor, generator: torch.Generator, pad: int = 2,
+    ndim: int = 2,
 ) -> torch.Tensor:
-    """Low-resolution seed maps: particles at random psi, CTF-weighted and averaged per class
-    (particle index mod K), reconstructed without a prior at ``round(0.07 D)`` shells.
+    """Low-resolution seed maps: particles at random orientations (psi in 2D, uniform rotations
+    for 3D maps), CTF-weighted and averaged per class (particle index mod K), reconstructed
+    without a prior at ``round(0.07 D)`` shells.
 
     Parameters
     ----------
@@ -81,7 +84,7 @@ def seed_maps(
     Returns
     -------
     torch.Tensor
-        ``(K, D, D)`` real seed maps, low-pass filtered.
+        ``(K,) + (D,) * ndim`` real seed maps, low-pass filtered.
     """
     n, box, _ = images.shape
     r = max(2, round(0.07 * box))
@@ -92,33 +95,38 @@ def seed_maps(
     c = ctf.reshape(n, -1)[:, idx]
     w = 1.0 / sigma2.to(images.dtype)[shells[idx].clamp_max(len(sigma2) - 1)]
     dc_half = torch.where((f == 0).all(-1), 0.5, 1.0).to(images.dtype)
-    psi = torch.rand(n, generator=generator, dtype=torch.float64).to(images.device) * 360.0
+    rnd = torch.rand(n, 3, generator=generator, dtype=torch.float64).to(images.device)
+    if ndim == 2:
+        mats = psi_to_matrix_2d(rnd[:, 2] * 360.0)
+    else:  # uniform on SO(3): rot, psi uniform, cos(tilt) uniform
+        mats = euler_to_matrix(rnd[:, 0] * 360.0, torch.rad2deg(torch.acos(1 - 2 * rnd[:, 1])), rnd[:, 2] * 360.0)
     pd = pad * box
-    data = torch.zeros(n_classes, pd, pd, dtype=torch.complex64, device=images.device)
-    weight = torch.zeros(n_classes, pd, pd, dtype=images.dtype, device=images.device)
+    data = torch.zeros((n_classes,) + (pd,) * ndim, dtype=torch.complex64, device=images.device)
+    weight = torch.zeros((n_classes,) + (pd,) * ndim, dtype=images.dtype, device=images.device)
     for cls in range(n_classes):
         sel = torch.arange(cls, n, n_classes, device=images.device)
         if len(sel) == 0:
             continue
-        st = slice2d.interpolation_stencil(psi[sel], f, box, pad)  # one "rotation" per particle
+        st = slices.stencil(mats[sel], f, box, pad)  # one rotation per particle
         # sum over the particles of this class: scatter with K=1 and R=len(sel)
-        data[cls] = slice2d.hermitian_complete(slice2d.rotate_scatter((c[sel] * w * x[sel] * dc_half)[None], st))[0]
-        weight[cls] = slice2d.hermitian_complete(slice2d.rotate_scatter((c[sel] ** 2 * w * dc_half)[None], st))[0]
+        data[cls] = slices.hermitian_complete(slices.rotate_scatter((c[sel] * w * x[sel] * dc_half)[None], st), ndim)[0]
+        weight[cls] = slices.hermitian_complete(slices.rotate_scatter((c[sel] ** 2 * w * dc_half)[None], st), ndim)[0]
     ft = torch.where(weight > 1e-6 * weight.amax().clamp_min(1e-30), data / weight.clamp_min(1e-30), torch.zeros_like(data))
-    maps = slice2d.unpad_reference_ft(ft, box) / slice2d.gridding_correction_2d(box, pad, images.device, images.dtype)
+    maps = slices.unpad_reference_ft(ft, box, ndim) / slices.gridding_correction(box, pad, ndim, images.device, images.dtype)
     return lowpass_raised_cosine(maps, r)
 
 
 def lowpass_raised_cosine(maps: torch.Tensor, r: float) -> torch.Tensor:
-    """Pass below ``r - 1`` shells, zero beyond ``r + 1``, raised cosine between; ``(K, D, D)``."""
-    box = maps.shape[-1]
-    _, shells = rfft_frequencies(box, maps.device)
-    freqs, _ = rfft_frequencies(box, maps.device)
-    rad = freqs.norm(dim=-1)
+    """Pass below ``r - 1`` shells, zero beyond ``r + 1``, raised cosine between; ``(K, D, D)``
+    images or ``(K, D, D, D)`` maps."""
+    box, ndim = maps.shape[-1], maps.dim() - 1
+    dims = tuple(range(-ndim, 0))
+    axes = [torch.fft.fftfreq(box, d=1.0 / box, device=maps.device)] * (ndim - 1)
+    axes.append(torch.arange(box // 2 + 1, device=maps.device, dtype=torch.float32))
+    rad = torch.sqrt(sum(g * g for g in torch.meshgrid(*axes, indexing="ij")))
     filt = torch.where(rad < r - 1, torch.ones_like(rad), torch.where(rad > r + 1, torch.zeros_like(rad),
                        0.5 + 0.5 * torch.cos(math.pi * (rad - (r - 1)) / 2.0)))
-    ft = torch.fft.rfft2(maps).reshape(maps.shape[0], -1) * filt
-    return torch.fft.irfft2(ft.reshape(maps.shape[0], box, box // 2 + 1), s=(box, box))
+    return torch.fft.irfftn(torch.fft.rfftn(maps, dim=dims) * filt, s=(box,) * ndim, dim=dims)
 
 
 def blob_references(seeds: torch.Tensor, diameter_px: float, generator: torch.Generator, n_blobs: int = 40) -> torch.Tensor:
@@ -132,29 +140,30 @@ def blob_references(seeds: torch.Tensor, diameter_px: float, generator: torch.Ge
     Parameters
     ----------
     seeds
-        ``(K, D, D)`` seed maps.
+        ``(K, D, D)`` seed images or ``(K, D, D, D)`` seed maps (SomGraph::make_blobs_3d).
     diameter_px
         Particle diameter in pixels.
 
     Returns
     -------
     torch.Tensor
-        ``(K, D, D)``.
+        Same shape as ``seeds``.
     """
-    k, box, _ = seeds.shape
+    k, box, ndim = seeds.shape[0], seeds.shape[-1], seeds.dim() - 1
     dev, dt = seeds.device, seeds.dtype
-    yy, xx = torch.meshgrid(torch.arange(box, device=dev, dtype=dt), torch.arange(box, device=dev, dtype=dt), indexing="ij")
+    ax = torch.arange(box, device=dev, dtype=dt)
+    coords = torch.meshgrid(*([ax] * ndim), indexing="ij")[::-1]  # x, y[, z]
     out = torch.zeros_like(seeds)
     for c in range(k):
         maps = []
         for _ in range(2):
-            centres = (box / 2 + torch.randn(n_blobs, 2, generator=generator, dtype=torch.float64) * diameter_px / 7).to(dev, dt)
+            centres = (box / 2 + torch.randn(n_blobs, ndim, generator=generator, dtype=torch.float64) * diameter_px / 7).to(dev, dt)
             ci = centres.long()
             ok = (ci >= 0).all(-1) & (ci < box).all(-1)
             amp = torch.zeros(n_blobs, device=dev, dtype=dt)
-            amp[ok] = seeds[c, ci[ok, 1], ci[ok, 0]].abs()
-            d2 = (xx[None] - centres[:, 0, None, None]) ** 2 + (yy[None] - centres[:, 1, None, None]) ** 2
-            maps.append((amp[:, None, None] * torch.exp(-d2 * (10.0 / diameter_px) ** 2)).sum(0))
+            amp[ok] = seeds[c][tuple(ci[ok, j] for j in reversed(range(ndim)))].abs()
+            d2 = sum((coords[j][None] - centres[:, j].reshape(-1, *([1] * ndim))) ** 2 for j in range(ndim))
+            maps.append((amp.reshape(-1, *([1] * ndim)) * torch.exp(-d2 * (10.0 / diameter_px) ** 2)).sum(0))
         v = maps[0] - 0.5 * maps[1]
         std_v = v.std()
         out[c] = v * (seeds[c].std() / std_v) if std_v > 0 else v

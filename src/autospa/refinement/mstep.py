@@ -8,28 +8,35 @@ import math
 
 import torch
 
-from autospa.numerics import slice2d
-from autospa.numerics.masks import radius_grid, soft_circular_mask
-from autospa.refinement.estep import rfft_frequencies, window_indices
+from autospa.numerics import slices
+from autospa.numerics.masks import raised_cosine, radius_grid
+from autospa.refinement.estep import rfft_frequencies
 from autospa.refinement.state import ModelState
 from autospa.refinement.statistics import SufficientStats
 
 
-def padded_shells(padded_box: int, pad: int, device=None) -> torch.Tensor:
+def padded_shells(padded_box: int, pad: int, device=None, ndim: int = 2) -> torch.Tensor:
     """Shell index ``round(|nu_pad| / P)`` (D-grid units) of every pixel of a centred padded grid.
 
     Returns
     -------
     torch.Tensor
-        ``(P*D, P*D)`` long.
+        ``(P*D,) * ndim`` long.
     """
     c = torch.arange(padded_box, device=device, dtype=torch.float32) - padded_box // 2
-    r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2) / pad
+    grids = torch.meshgrid(*([c] * ndim), indexing="ij")
+    r = torch.sqrt(sum(g * g for g in grids)) / pad
     return torch.round(r).long()
 
 
+def ndim_of(refs: torch.Tensor) -> int:
+    """2 for ``(K, D, D)`` images, 3 for ``(K, D, D, D)`` maps."""
+    return refs.dim() - 1
+
+
 def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
-    """Mean of ``values`` ``(K, N, N)`` per shell: ``(K, n_shells)`` (0 for empty shells)."""
+    """Mean of ``values`` ``(K,) + grid`` per shell (``shells`` of the grid's shape): ``(K, n_shells)``
+    (0 for empty shells)."""
     k = values.shape[0]
     sel = shells < n_shells
     s = shells[sel]
@@ -45,23 +52,23 @@ def reference_ft(refs: torch.Tensor, pad: int) -> torch.Tensor:
     Parameters
     ----------
     refs
-        ``(K, D, D)`` real.
+        ``(K, D, D)`` or ``(K, D, D, D)`` real.
 
     Returns
     -------
     torch.Tensor
-        ``(K, P*D, P*D)`` complex.
+        ``(K,) + (P*D,) * ndim`` complex.
     """
-    box = refs.shape[-1]
-    g = slice2d.gridding_correction_2d(box, pad, refs.device, refs.dtype)
-    return slice2d.pad_reference_ft(refs / g, pad)
+    box, ndim = refs.shape[-1], ndim_of(refs)
+    g = slices.gridding_correction(box, pad, ndim, refs.device, refs.dtype)
+    return slices.pad_reference_ft(refs / g, pad, ndim)
 
 
 def tau2_of(refs: torch.Tensor, pad: int) -> torch.Tensor:
     """tau2_k(s): shell-averaged power ``|V|^2 / 2`` of each reference's padded transform; ``(K, S)``."""
-    box = refs.shape[-1]
-    ft = slice2d.pad_reference_ft(refs, pad)
-    return shell_mean((ft.real**2 + ft.imag**2) / 2, padded_shells(ft.shape[-1], pad, refs.device), box // 2 + 1)
+    box, ndim = refs.shape[-1], ndim_of(refs)
+    ft = slices.pad_reference_ft(refs, pad, ndim)
+    return shell_mean((ft.real**2 + ft.imag**2) / 2, padded_shells(ft.shape[-1], pad, refs.device, ndim), box // 2 + 1)
 
 
 def half_plane_counts(box: int, device=None) -> torch.Tensor:
@@ -93,7 +100,7 @@ def ssnr(weight: torch.Tensor, tau2: torch.Tensor, tau2_fudge: float, pad: int, 
     Parameters
     ----------
     weight
-        ``(K, P*D, P*D)`` summed CTF^2/sigma2 weights.
+        ``(K,) + (P*D,) * ndim`` summed CTF^2/sigma2 weights.
     tau2
         ``(K, S)``.
 
@@ -102,11 +109,12 @@ def ssnr(weight: torch.Tensor, tau2: torch.Tensor, tau2_fudge: float, pad: int, 
     data_vs_prior, completeness
         ``(K, S)`` each; shells beyond ``current_size // 2`` are 0.
     """
-    k, pd, _ = weight.shape
+    ndim = ndim_of(weight)
+    pd = weight.shape[-1]
     n_shells = tau2.shape[1]
-    shells = padded_shells(pd, pad, weight.device)
+    shells = padded_shells(pd, pad, weight.device, ndim)
     t2 = tau2.to(torch.float64)
-    per_px = weight.to(torch.float64) * pad**2 * tau2_fudge * t2[:, shells.clamp_max(n_shells - 1)]
+    per_px = weight.to(torch.float64) * pad**ndim * tau2_fudge * t2[:, shells.clamp_max(n_shells - 1)]
     dvp = shell_mean(per_px, shells, n_shells)
     comp = shell_mean((per_px >= 1).to(torch.float64), shells, n_shells)
     beyond = torch.arange(n_shells, device=weight.device) > current_size // 2
@@ -147,11 +155,12 @@ def finish_references(ref_ft: torch.Tensor, box: int, pad: int, mask_radius_px: 
     Returns
     -------
     torch.Tensor
-        ``(K, D, D)`` real.
+        ``(K, D, D)`` or ``(K, D, D, D)`` real.
     """
-    refs = slice2d.unpad_reference_ft(ref_ft, box)
+    ndim = ndim_of(ref_ft)
+    refs = slices.unpad_reference_ft(ref_ft, box, ndim)
     if gridding:
-        refs = refs / slice2d.gridding_correction_2d(box, pad, refs.device, refs.dtype)
+        refs = refs / slices.gridding_correction(box, pad, ndim, refs.device, refs.dtype)
     refs = soft_edge(refs, box / 2 - 3, 3.0, fill_edge_mean=True)
     if mask_radius_px is not None:
         refs = soft_edge(refs, mask_radius_px, 5.0, fill_edge_mean=False)
@@ -159,16 +168,17 @@ def finish_references(ref_ft: torch.Tensor, box: int, pad: int, mask_radius_px: 
 
 
 def soft_edge(refs: torch.Tensor, radius: float, edge: float, fill_edge_mean: bool) -> torch.Tensor:
-    """Soft circular mask of ``(K, D, D)`` images (RELION raised cosine); with ``fill_edge_mean`` the
-    outside is set to the mean over the edge ring (RELION's edge mask) instead of 0."""
-    box = refs.shape[-1]
-    m = soft_circular_mask(box, radius, edge, device=refs.device, dtype=refs.dtype)
+    """Soft circular (spherical) mask of ``(K, D, D)`` images (``(K, D, D, D)`` maps), RELION's
+    raised cosine; with ``fill_edge_mean`` the outside is set to the mean over the edge ring
+    (RELION's edge mask) instead of 0."""
+    box, ndim = refs.shape[-1], ndim_of(refs)
+    r = radius_grid(box, ndim, device=refs.device, dtype=refs.dtype)
+    m = raised_cosine(r, radius, edge)
     if not fill_edge_mean:
         return refs * m
-    r = radius_grid(box, device=refs.device, dtype=refs.dtype)
     ring = (r >= radius) & (r <= radius + edge)
     fill = refs[:, ring].mean(-1) if ring.any() else torch.zeros(refs.shape[0], device=refs.device)
-    return refs * m + fill[:, None, None] * (1 - m)
+    return refs * m + fill.reshape(-1, *([1] * ndim)) * (1 - m)
 
 
 def center_of_mass_shift(refs: torch.Tensor, max_shift_px: float) -> torch.Tensor:
@@ -236,12 +246,13 @@ def em_update(
     box, pad = state.box, state.pad
     data = stats.data.sum(0)
     weight = stats.weight.sum(0).to(torch.float64)
+    ndim = ndim_of(data)
     pd = data.shape[-1]
-    shells = padded_shells(pd, pad, data.device)
+    shells = padded_shells(pd, pad, data.device, ndim)
     n_shells = box // 2 + 1
     tau2 = tau2_of(state.refs, pad).to(torch.float64)
     t2 = tau2[:, shells.clamp_max(n_shells - 1)]
-    reg = torch.where(t2 > 0, 1.0 / (pad**2 * tau2_fudge * t2.clamp_min(1e-300)), 1.0 / (0.001 * weight.clamp_min(1e-300)))
+    reg = torch.where(t2 > 0, 1.0 / (pad**ndim * tau2_fudge * t2.clamp_min(1e-300)), 1.0 / (0.001 * weight.clamp_min(1e-300)))
     reg = torch.where((shells >= min_shell)[None], reg, torch.zeros_like(reg))
     inside = shells <= state.current_size // 2
     denom = weight + reg
@@ -252,7 +263,7 @@ def em_update(
     empty = stats.class_weight.sum(0) <= 0
     refs[empty] = 0
     nuis = update_nuisance(state, stats, mu=0.0)
-    if center:
+    if center and ndim == 2:
         refs = shift_real(refs, -center_of_mass_shift(refs, max_center_px))
     tau2_new = tau2_of(refs, pad)
     dvp, comp = ssnr(stats.weight.sum(0), tau2_new, tau2_fudge, pad, state.current_size)

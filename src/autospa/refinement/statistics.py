@@ -18,10 +18,11 @@ class SufficientStats:
     Attributes
     ----------
     data
-        ``(2, K, P*D, P*D)`` complex: back-projected CTF-weighted data ``sum G C X / sigma2`` per
-        half-set and class on the padded, centred reference grid (Hermitian-complete).
+        ``(2, K, P*D, P*D)`` (2D) or ``(2, K, P*D, P*D, P*D)`` (3D) complex: back-projected
+        CTF-weighted data ``sum G C X / sigma2`` per half-set and class on the padded, centred
+        reference grid (Hermitian-complete).
     weight
-        ``(2, K, P*D, P*D)`` real: ``sum G C^2 / sigma2`` on the same grid.
+        Same shape, real: ``sum G C^2 / sigma2`` on the same grid.
     class_weight
         ``(2, K)`` summed posterior per half-set and class.
     noise_power
@@ -61,12 +62,14 @@ class SufficientStats:
         return SufficientStats(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     @staticmethod
-    def zeros(n_halves: int, n_classes: int, padded_box: int, n_groups: int, n_shells: int, device=None) -> "SufficientStats":
-        """Empty statistics (the identity of ``+``)."""
+    def zeros(n_halves: int, n_classes: int, padded_box: int, n_groups: int, n_shells: int, device=None,
+              ndim: int = 2) -> "SufficientStats":
+        """Empty statistics (the identity of ``+``); ``ndim`` 2 for images, 3 for maps."""
         z = lambda *s, dt=torch.float64: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
+        grid = (padded_box,) * ndim
         return SufficientStats(
-            data=z(n_halves, n_classes, padded_box, padded_box, dt=torch.complex64),
-            weight=z(n_halves, n_classes, padded_box, padded_box, dt=torch.float32),
+            data=z(n_halves, n_classes, *grid, dt=torch.complex64),
+            weight=z(n_halves, n_classes, *grid, dt=torch.float32),
             class_weight=z(n_halves, n_classes),
             noise_power=z(n_groups, n_shells),
             noise_weight=z(n_groups),

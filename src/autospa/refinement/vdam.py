@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from autospa.numerics import slice2d
+from autospa.numerics import slices
 from autospa.refinement import mstep
 from autospa.refinement.state import ModelState
 from autospa.refinement.statistics import SufficientStats
@@ -33,9 +33,9 @@ def projector_consistent_ft(refs: torch.Tensor, pad: int) -> torch.Tensor:
     dividing by g (RELION's VDAM skips the gridding correction; we apply it so that one full
     step with FSC = 1 equals the unregularised EM reconstruction exactly).
     """
-    box = refs.shape[-1]
-    g = slice2d.gridding_correction_2d(box, pad, refs.device, refs.dtype)
-    return slice2d.pad_reference_ft(refs * g, pad)
+    box, ndim = refs.shape[-1], mstep.ndim_of(refs)
+    g = slices.gridding_correction(box, pad, ndim, refs.device, refs.dtype)
+    return slices.pad_reference_ft(refs * g, pad, ndim)
 
 
 def vdam_update(
@@ -88,9 +88,12 @@ def vdam_update(
     """
     box, pad, k = state.box, state.pad, state.n_classes
     device = state.refs.device
-    v = projector_consistent_ft(state.refs, pad)  # (K, PD, PD)
+    v = projector_consistent_ft(state.refs, pad)  # (K,) + (PD,) * ndim
+    ndim = mstep.ndim_of(v)
+    grid_dims = tuple(range(-ndim, 0))
+    per_class = (-1,) + (1,) * ndim
     pd = v.shape[-1]
-    shells = mstep.padded_shells(pd, pad, device)
+    shells = mstep.padded_shells(pd, pad, device, ndim)
     n_shells = box // 2 + 1
     inside = (shells <= state.current_size // 2)[None]
 
@@ -103,8 +106,8 @@ def vdam_update(
     m1 = state.moment1
     u = state.moment2
     if m1 is None:
-        m1 = torch.zeros(2, k, pd, pd, dtype=v.dtype, device=device)
-        u = torch.full((k, pd, pd), MOM2_INIT, dtype=v.real.dtype, device=device)
+        m1 = torch.zeros((2, k) + (pd,) * ndim, dtype=v.dtype, device=device)
+        u = torch.full((k,) + (pd,) * ndim, MOM2_INIT, dtype=v.real.dtype, device=device)
     m1 = m1.clone()
     u = u.clone()
     for h in range(2):
@@ -136,7 +139,7 @@ def vdam_update(
     tau2 = state.tau2
     if allow_replacement and inactivity_threshold > 0 and k > 1:
         n_active = int((pi > 0).sum())
-        score = (direction.abs() ** 2).mean((-2, -1)).to(pi.dtype) * pi
+        score = (direction.abs() ** 2).mean(grid_dims).to(pi.dtype) * pi
         b = int(torch.argmax(score))
         a = int(torch.argmin(pi))
         if a != b and float(pi[a]) < inactivity_threshold / max(n_active, 1):
@@ -159,11 +162,11 @@ def vdam_update(
     eta = torch.where(skip | (pi <= 0), torch.zeros_like(eta), eta).to(v.real.dtype)
     # V <- V + eta [FSC D - (1 - FSC) V]   (T' = 1 for pseudo half-sets)
     upd = fsc_px * direction - (1 - fsc_px) * v
-    v_new = torch.where(inside, v + eta[:, None, None] * upd, torch.zeros_like(v))
-    v_new = torch.where(skip[:, None, None], torch.where(inside, v, torch.zeros_like(v)), v_new)
+    v_new = torch.where(inside, v + eta.reshape(per_class) * upd, torch.zeros_like(v))
+    v_new = torch.where(skip.reshape(per_class), torch.where(inside, v, torch.zeros_like(v)), v_new)
 
     refs = mstep.finish_references(v_new, box, pad, mask_radius_px, gridding=True)
-    if center:
+    if center and ndim == 2:
         shift = -mstep.center_of_mass_shift(refs, max_center_px)
         # VDAM skips shifts below 2 px (max(0.01 * diameter / p, 2) in RELION)
         small = shift.norm(dim=-1) < 2.0

@@ -1,0 +1,121 @@
+"""What the iterative refinement jobs share (class2d, initial-model, refine3d): the particle store
+of the input, the initial noise estimate, the per-particle table of poses and scores, and the
+run_itNNN_data.star writer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autospa.data.particle_stack import ParticleStack
+from autospa.distributed.map_reduce import ParticleTable
+from autospa.errors import InputError
+from autospa.io import refine_files as rf
+from autospa.io.relion_particles import import_particles
+from autospa.io.zarr_store import open_store, read_store_images
+from autospa.refinement import init as rinit
+from autospa.refinement.estep import soft_mask_background
+
+
+def check_particles_input(path: str | Path) -> Path:
+    """The input exists and is a particles .star file or a particle store; raises InputError."""
+    src = Path(path)
+    if not src.exists():
+        raise InputError(src, "input does not exist")
+    if not src.is_dir() and src.suffix.lower() != ".star":
+        raise InputError(src, "input must be a particles .star file or a particle store (.zarr folder)")
+    return src
+
+
+def input_store(input_path: str | Path, output_root: str | Path, chunk: int = 1024) -> Path:
+    """The particle store of a job's input: the store itself, or ``<root>_particles.zarr`` imported
+    from a STAR file (reused while the STAR file is unchanged)."""
+    src = check_particles_input(input_path)
+    if src.is_dir():
+        return src
+    out_root = Path(output_root)
+    store = out_root.parent / (out_root.name + "_particles.zarr")
+    if store.exists():
+        try:
+            attrs = open_store(store).dataset.attrs
+        except InputError:
+            attrs = {}
+        if attrs.get("source_star") == str(src) and attrs.get("source_mtime") in (None, src.stat().st_mtime):
+            return store
+    import_particles(src, store, dtype="float32", chunk_size=chunk, overwrite=True)
+    return store
+
+
+def initial_noise(store_path: Path, table: ParticleTable, mask: torch.Tensor | None, seed: int,
+                  per_group: int = 1000) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """RELION's initial noise spectra from up to ``per_group`` (zero-masked) particles per optics group.
+
+    Returns
+    -------
+    sigma2
+        ``(G, S)`` float64.
+    picked
+        ``(M,)`` store indices of the particles used.
+    images
+        ``(M, D, D)`` those particles (masked), for seed maps.
+    """
+    rng = np.random.default_rng(seed)
+    n_groups = int(table.group.max()) + 1
+    picks, images, sig = [], [], []
+    for g in range(n_groups):
+        members = np.nonzero(table.group == g)[0]
+        pick = np.sort(rng.choice(members, size=min(per_group, len(members)), replace=False))
+        imgs = torch.from_numpy(read_store_images(store_path, pick))
+        if mask is not None:
+            imgs = soft_mask_background(imgs, mask)
+        ps, isum, cnt = rinit.power_sums(imgs)
+        sig.append(rinit.initial_sigma2(ps, isum, cnt))
+        picks.append(pick)
+        images.append(imgs)
+    return torch.stack(sig), np.concatenate(picks), torch.cat(images)
+
+
+def per_particle_init(stack: ParticleStack, table: ParticleTable) -> dict:
+    """Per-particle poses and scores from the input's metadata (zeros where absent)."""
+    meta = stack.metadata
+    n = len(stack)
+    pix = table.pixel_size_a
+
+    def col(name: str) -> np.ndarray:
+        return meta[name].to_numpy(np.float64) if name in meta else np.zeros(n)
+
+    return {
+        "class_index": np.zeros(n, np.int64), "psi_deg": col("AnglePsi").astype(np.float32),
+        "rot_deg": col("AngleRot").astype(np.float32), "tilt_deg": col("AngleTilt").astype(np.float32),
+        "origin_px": np.stack([col("OriginXAngst") / pix, col("OriginYAngst") / pix], 1).astype(np.float32),
+        "max_posterior": np.zeros(n, np.float32), "n_significant": np.zeros(n, np.int64),
+        "log_likelihood": np.zeros(n, np.float32), "group": table.group.copy(),
+    }
+
+
+def write_data_table(root: Path, stack: ParticleStack, pp: dict, pixel: float, half: np.ndarray | None = None) -> Path:
+    """``<root>_data.star``: the input's particles with this iteration's class, angles, origins
+    and scores (rlnRandomSubset 1/2 when ``half`` is given)."""
+    optics, particles = stack.star_tables()
+    particles = particles.copy()
+    particles["rlnClassNumber"] = pp["class_index"] + 1
+    particles["rlnAngleRot"] = pp["rot_deg"].astype(np.float64) if "rot_deg" in pp else particles.get("rlnAngleRot", 0.0)
+    particles["rlnAngleTilt"] = pp["tilt_deg"].astype(np.float64) if "tilt_deg" in pp else particles.get("rlnAngleTilt", 0.0)
+    particles["rlnAnglePsi"] = pp["psi_deg"].astype(np.float64)
+    particles["rlnOriginXAngst"] = pp["origin_px"][:, 0].astype(np.float64) * pixel
+    particles["rlnOriginYAngst"] = pp["origin_px"][:, 1].astype(np.float64) * pixel
+    particles["rlnLogLikeliContribution"] = pp["log_likelihood"].astype(np.float64)
+    particles["rlnMaxValueProbDistribution"] = pp["max_posterior"].astype(np.float64)
+    particles["rlnNrOfSignificantSamples"] = pp["n_significant"].astype(np.int64)
+    if "rlnNormCorrection" not in particles:
+        particles["rlnNormCorrection"] = 1.0
+    particles["rlnGroupNumber"] = pp["group"] + 1
+    if half is not None:
+        particles["rlnRandomSubset"] = np.asarray(half, np.int64) + 1
+    return rf.write_data_star(Path(f"{root}_data.star"), optics, particles)
+
+
+__all__ = ["check_particles_input", "initial_noise", "input_store", "per_particle_init", "write_data_table"]

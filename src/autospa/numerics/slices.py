@@ -1,0 +1,329 @@
+"""References in Fourier space on padded, centred, full grids: central slices of 3D maps and
+in-plane rotations of 2D images by multilinear gather, and the exact adjoint (scatter), which
+is back-projection.
+
+The reference ``V`` (box ``D``, 2D image or 3D map) is zero-padded to ``P*D`` and Fourier
+transformed on the full (not rfft) centred grid, scaled so that the sample at padded index
+``P*f`` of a 2D reference equals ``fourier.rfft2(V)`` at frequency ``f`` (norm="forward" on the
+D grid) and the central slice of a 3D map equals that of its projection (RELION's scale: the
+3D transform is divided by ``D^2``, not ``D^3``). The image of the reference under RELION's
+rotation A (``conventions.euler_to_matrix`` in 3D, ``psi_to_matrix_2d`` in 2D) has transform
+``X(f) = V(A^T f)`` with ``f = (kx, ky)`` or ``(kx, ky, 0)``.
+
+Gridding: multilinear interpolation on the padded grid multiplies real space by
+``prod_axes sinc^2(x_i/(P D))``; :func:`gridding_correction` returns that factor so callers
+pre-correct references before padding and post-correct reconstructions (RELION does both for EM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from autospa.conventions import psi_to_matrix_2d
+
+
+@dataclass(frozen=True)
+class Interp:
+    """Multilinear interpolation stencil from D-grid frequencies to a padded full grid.
+
+    Attributes
+    ----------
+    index
+        ``(R, F, 2^n)`` long: flat indices into the padded ``(P*D)^n`` grid.
+    weight
+        ``(R, F, 2^n)`` float: interpolation weights (zero for neighbours outside the grid).
+    padded_box
+        ``P * D``.
+    ndim
+        n, 2 for images, 3 for maps.
+    """
+
+    index: torch.Tensor
+    weight: torch.Tensor
+    padded_box: int
+    ndim: int = 2
+
+
+#: Former name of :class:`Interp` (2D stencils).
+Interp2D = Interp
+
+
+def _dims(ndim: int) -> tuple[int, ...]:
+    return tuple(range(-ndim, 0))
+
+
+def pad_reference_ft(refs: torch.Tensor, pad: int = 2, ndim: int = 2) -> torch.Tensor:
+    """Padded, centred, full-grid Fourier transforms of real references.
+
+    Parameters
+    ----------
+    refs
+        ``(K, D, D)`` images (``ndim=2``) or ``(K, D, D, D)`` maps (``ndim=3``), real.
+    pad
+        Padding factor P.
+    ndim
+        2 or 3.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K,) + (P*D,) * ndim`` complex; the zero frequency at index ``P*D//2`` on every axis,
+        scaled by ``1 / D^2`` (central slices equal ``rfft2(projection, norm="forward")``).
+    """
+    k, d = refs.shape[0], refs.shape[-1]
+    pd = pad * d
+    big = refs.new_zeros((k,) + (pd,) * ndim)
+    o = (pd - d) // 2
+    big[(slice(None),) + (slice(o, o + d),) * ndim] = refs
+    dims = _dims(ndim)
+    # the reference's centre (d//2) must land on the padded centre (pd//2)
+    ft = torch.fft.fftn(torch.fft.ifftshift(big, dim=dims), dim=dims, norm="backward") / (d * d)
+    return torch.fft.fftshift(ft, dim=dims)
+
+
+def unpad_reference_ft(ref_ft: torch.Tensor, box: int, ndim: int = 2) -> torch.Tensor:
+    """Inverse of :func:`pad_reference_ft`: real references from padded transforms.
+
+    Parameters
+    ----------
+    ref_ft
+        ``(K,) + (P*D,) * ndim`` complex, centred.
+    box
+        D.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K,) + (D,) * ndim`` real (the central window of the padded real-space map).
+    """
+    pd = ref_ft.shape[-1]
+    dims = _dims(ndim)
+    big = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(ref_ft, dim=dims), dim=dims) * (box * box), dim=dims)
+    o = (pd - box) // 2
+    return big.real[(Ellipsis,) + (slice(o, o + box),) * ndim].contiguous()
+
+
+def gridding_correction(box: int, pad: int, ndim: int = 2, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Real-space attenuation of multilinear Fourier interpolation on a P-times padded grid.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(D,) * ndim``: ``prod_i sinc^2(x_i / (P D))`` with ``x_i`` from the box centre.
+    """
+    r = (torch.arange(box, device=device, dtype=dtype) - box // 2) / (pad * box)
+    s = torch.sinc(r) ** 2
+    out = s
+    for _ in range(ndim - 1):
+        out = out[..., None] * s
+    return out
+
+
+def gridding_correction_2d(box: int, pad: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """:func:`gridding_correction` of 2D images, ``(D, D)``."""
+    return gridding_correction(box, pad, 2, device, dtype)
+
+
+def stencil(rotations: torch.Tensor, freqs: torch.Tensor, box: int, pad: int = 2) -> Interp:
+    """Multilinear stencil for sampling a padded reference at ``A^T f`` for every rotation A.
+
+    Parameters
+    ----------
+    rotations
+        ``(R, 2, 2)`` in-plane matrices (2D references) or ``(R, 3, 3)`` RELION matrices A
+        (3D maps: the stencil samples the central slice ``A^T (kx, ky, 0)``).
+    freqs
+        ``(F, 2)`` frequencies ``(kx, ky)`` in D-grid units (cycles per box).
+    box, pad
+        D and P.
+
+    Returns
+    -------
+    Interp
+        Indices and weights, on the device of ``freqs``.
+    """
+    ndim = rotations.shape[-1]
+    pd = pad * box
+    a = rotations.to(freqs.device, torch.float32)[:, :2, :] * pad  # rows x and y of A
+    # p = A^T (kx, ky[, 0])  as row vectors: f @ A[:2]  (float32: 1e-5 pixel at 256 pixels)
+    p = torch.einsum("fi,rij->rfj", freqs.to(torch.float32), a) + pd // 2  # (R, F, n)
+    p0 = torch.floor(p)
+    frac = (p - p0).to(freqs.dtype)
+    p0 = p0.long()
+    # per axis j (x, y, z; strides 1, pd, pd^2): the two neighbours' offsets, weights, validity
+    idx, wts = None, None
+    for j in range(ndim):
+        q = p0[..., j, None] + torch.arange(2, device=p0.device)  # (R, F, 2)
+        f = frac[..., j, None]
+        w = torch.cat([1 - f, f], -1) * ((q >= 0) & (q < pd))
+        q = q * pd**j
+        if idx is None:
+            idx, wts = q, w
+        else:  # corners ordered with x fastest
+            idx = (q[..., :, None] + idx[..., None, :]).flatten(-2)
+            wts = (w[..., :, None] * wts[..., None, :]).flatten(-2)
+    idx = torch.where(wts > 0, idx, torch.zeros_like(idx)).clamp(0, pd**ndim - 1)
+    return Interp(idx, wts, pd, ndim)
+
+
+def interpolation_stencil(psi_deg: torch.Tensor, freqs: torch.Tensor, box: int, pad: int = 2) -> Interp:
+    """:func:`stencil` for RELION in-plane angles ``psi_deg`` ``(R,)`` (2D references)."""
+    return stencil(psi_to_matrix_2d(psi_deg.to(freqs.device, torch.float64)), freqs, box, pad)
+
+
+def rotate_gather(ref_ft: torch.Tensor, st: Interp) -> torch.Tensor:
+    """Rotated references (2D) or central slices (3D) at the stencil's frequencies.
+
+    Parameters
+    ----------
+    ref_ft
+        ``(K,) + (P*D,) * n`` complex padded references (:func:`pad_reference_ft`).
+    st
+        From :func:`stencil` with R rotations and F frequencies.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K, R, F)`` complex.
+    """
+    k = ref_ft.shape[0]
+    flat = ref_ft.reshape(k, -1)
+    r, f, c = st.index.shape
+    vals = flat[:, st.index.reshape(-1)].reshape(k, r, f, c)
+    return (vals * st.weight.to(vals.real.dtype)).sum(-1)
+
+
+def gather_columns(ref_ft: torch.Tensor, class_index: torch.Tensor, st: Interp) -> torch.Tensor:
+    """Slices of one class each: column ``j`` samples reference ``class_index[j]`` with rotation j.
+
+    Parameters
+    ----------
+    ref_ft
+        ``(K,) + (P*D,) * n`` complex.
+    class_index
+        ``(R,)`` long.
+    st
+        Stencil with R rotations and F frequencies.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(R, F)`` complex.
+    """
+    flat = ref_ft.reshape(-1)
+    size = ref_ft[0].numel()
+    r, f, c = st.index.shape
+    vals = flat[(st.index + class_index.to(st.index.device)[:, None, None] * size).reshape(-1)].reshape(r, f, c)
+    return (vals * st.weight.to(vals.real.dtype)).sum(-1)
+
+
+def scatter_columns(values: torch.Tensor, class_index: torch.Tensor, st: Interp, n_classes: int) -> torch.Tensor:
+    """Adjoint of :func:`gather_columns`: spread ``(R, F)`` values onto the classes' grids.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n_classes,) + (P*D,) * n`` (same dtype as ``values``), not Hermitian-completed.
+    """
+    pd = st.padded_box
+    size = pd**st.ndim
+    w = st.weight.to(values.real.dtype if values.is_complex() else values.dtype)
+    contrib = (values[..., None] * w).reshape(-1)
+    out = values.new_zeros((n_classes * size,))
+    out.index_add_(0, (st.index + class_index.to(st.index.device)[:, None, None] * size).reshape(-1), contrib)
+    return out.reshape((n_classes,) + (pd,) * st.ndim)
+
+
+def rotate_scatter(values: torch.Tensor, st: Interp) -> torch.Tensor:
+    """Adjoint of :func:`rotate_gather`: spread ``(K, R, F)`` values onto the padded grid.
+
+    Parameters
+    ----------
+    values
+        ``(K, R, F)`` complex or real values at the rotated frequencies.
+    st
+        The same stencil as the forward operator.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K,) + (P*D,) * n`` accumulated grid (same dtype as ``values``), without Hermitian
+        completion: callers that accumulate half-plane data add the mirrored contribution with
+        :func:`hermitian_complete`.
+    """
+    k = values.shape[0]
+    pd = st.padded_box
+    size = pd**st.ndim
+    w = st.weight.to(values.real.dtype if values.is_complex() else values.dtype)
+    contrib = (values[..., None] * w).reshape(k, -1)
+    out = values.new_zeros((k, size))
+    out.index_add_(1, st.index.reshape(-1), contrib)
+    return out.reshape((k,) + (pd,) * st.ndim)
+
+
+def hermitian_complete(grid: torch.Tensor, ndim: int = 2) -> torch.Tensor:
+    """Add the point-mirrored (and conjugated) grid: ``G(f) + conj(G(-f))`` on a centred grid.
+
+    Half-plane data of a real image imply the conjugate values at ``-f``; back-projecting only
+    the half plane and completing here gives the full sums.
+
+    Parameters
+    ----------
+    grid
+        ``(...,) + (N,) * ndim`` centred grid with the zero frequency at ``N//2`` (N even).
+    """
+    dims = _dims(ndim)
+    # index i <-> N - i (mod N) around the centre N//2 for even N: mirror = roll(flip, 1)
+    mirrored = torch.roll(torch.flip(grid, dims=dims), shifts=(1,) * ndim, dims=dims)
+    if grid.is_complex():
+        mirrored = mirrored.conj()
+    return grid + mirrored
+
+
+def symmetrise_grid(grid: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+    """Sum of a centred 3D Fourier grid over a point group: ``sum_g G(g^T f)``.
+
+    A map invariant under the group's rotations has a transform invariant under them too, so
+    summing the back-projected data and weights over the group imposes the symmetry on the
+    reconstruction (RELION's BackProjector::symmetrise). Values are sampled trilinearly.
+
+    Parameters
+    ----------
+    grid
+        ``(..., N, N, N)`` complex or real, zero frequency at ``N//2``.
+    ops
+        ``(S, 3, 3)`` rotations acting on ``(x, y, z)`` (identity included).
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape and dtype as ``grid``.
+    """
+    n = grid.shape[-1]
+    lead = grid.shape[:-3]
+    flat = grid.reshape(-1, n**3)
+    c = torch.arange(n, device=grid.device, dtype=torch.float32) - n // 2
+    zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
+    pts = torch.stack([xx, yy, zz], -1).reshape(-1, 3)  # (M, 3) x, y, z
+    out = flat.clone()
+    for g in ops.to(grid.device, torch.float32):
+        if torch.allclose(g, torch.eye(3, device=g.device), atol=1e-6):
+            continue
+        p = pts @ g + n // 2  # g^T f as row vectors
+        p0 = torch.floor(p)
+        frac = p - p0
+        p0 = p0.long()
+        acc = torch.zeros_like(flat)
+        for cz in (0, 1):
+            for cy in (0, 1):
+                for cx in (0, 1):
+                    q = p0 + torch.tensor([cx, cy, cz], device=p0.device)
+                    w = (frac[:, 0] if cx else 1 - frac[:, 0]) * (frac[:, 1] if cy else 1 - frac[:, 1]) * (frac[:, 2] if cz else 1 - frac[:, 2])
+                    ok = ((q >= 0) & (q < n)).all(-1)
+                    idx = (q[:, 2] * n + q[:, 1]) * n + q[:, 0]
+                    idx = torch.where(ok, idx, torch.zeros_like(idx))
+                    acc += flat[:, idx] * (w * ok).to(flat.real.dtype if flat.is_complex() else flat.dtype)
+        out += acc
+    return out.reshape(*lead, n, n, n)
