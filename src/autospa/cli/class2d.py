@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         opts.torch_threads = max(1, (os.cpu_count() or 1) // workers)
     check_input(opts, args.continue_)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    progress, close = _progress_bar()
+    progress, close = progress_bar("class2d")
     try:
         with client_from_args(args) as client:
             result = run_class2d(opts, client=client, continue_=args.continue_, progress=progress)
@@ -115,13 +115,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar():
-    """A rich progress bar with ETA on stderr (plain lines when stderr is not a terminal)."""
+def progress_bar(label: str):
+    """A rich progress bar with ETA on stderr (plain lines when stderr is not a terminal), fed
+    with the jobs' :class:`~autospa.jobs.class2d.IterationInfo`."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
-    prog = Progress(TextColumn("class2d"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    prog = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
                     disable=not console.is_terminal)
     task = [None]
@@ -130,7 +131,7 @@ def _progress_bar():
     def update(info) -> None:
         text = f"res {info.resolution_a:.1f} A  pmax {info.average_pmax:.3f}"
         if task[0] is None:
-            task[0] = prog.add_task("class2d", total=info.n_iter, completed=info.iteration - 1, info=text)
+            task[0] = prog.add_task(label, total=info.n_iter, completed=info.iteration - 1, info=text)
         prog.update(task[0], completed=info.iteration, info=text)
         if not console.is_terminal:
             print(f"iteration {info.iteration}/{info.n_iter}: {info.n_particles} particles, {info.seconds:.1f} s, "

@@ -21,10 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autospa.cli.class2d import _progress_bar
+    from autospa.cli.class2d import progress_bar
     from autospa.jobs.demo import run_demo
 
-    progress, close = _progress_bar()
+    progress, close = progress_bar("demo")
     try:
         with client_from_args(args) as client:
             res = run_demo(args.output, args.n, args.structures, args.K, args.iter, seed=args.seed, client=client, progress=progress)

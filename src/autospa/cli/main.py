@@ -24,6 +24,8 @@ SUBCOMMAND_MODULES = (
     "autospa.cli.autopick",
     "autospa.cli.extract",
     "autospa.cli.class2d",
+    "autospa.cli.initial_model",
+    "autospa.cli.refine3d",
     "autospa.cli.rank",
     "autospa.cli.ranker",
     "autospa.cli.align_symmetry",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from autospa.numerics.fourier import fourier_pad
+from autospa.numerics.fourier import fourier_crop
 from autospa.refinement.symmetry_align import _small_rotations, _so3_grid, resample_volume, shift_volume
 
 
@@ -62,7 +62,7 @@ def _downsample(vol: torch.Tensor, size: int) -> torch.Tensor:
     box = vol.shape[-1]
     if size >= box:
         return vol
-    return fourier_pad(vol, size, ndim=3) * (size / box) ** 3
+    return fourier_crop(vol, size, ndim=3)
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

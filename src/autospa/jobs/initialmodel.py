@@ -1,0 +1,420 @@
+"""3D initial model by VDAM (RELION's relion_refine --grad --denovo_3dref, then
+relion_align_symmetry; job type relion.initialmodel).
+
+K classes start from Gaussian-blob maps (different per class) and follow the VDAM schedules of
+the 3D initial model (reference/relion-vdam.md sections 4.6-4.8 and 5): step size 0.9 -> 0.5,
+T 1 -> 4, mini-batches clamp(0.5 % N, 200, 5000) then clamp(10 % N, 1000, 50000), the last
+iteration a full pass when K > 1, significance capped at 100 K. The E-step is the shared one
+with central slices of the 3D maps and HEALPix orientations; the angular sampling follows the
+resolution (auto-sampling) from ``--healpix_order`` up to ``--max_healpix_order``. The run
+writes RELION's run_itNNN files every ``--grad_write_iter`` iterations and a checkpoint every
+iteration; at the end the most populated class is aligned to the axes of ``--sym`` (C1: written
+unchanged), symmetrised, and written as ``initial_model.mrc``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from autospa.data.particle_stack import ParticleStack
+from autospa.distributed.map_reduce import ParticleTable, ctf_images, run_estep
+from autospa.errors import InputError
+from autospa.io import refine_files as rf
+from autospa.io.postprocess_files import write_volume
+from autospa.io.zarr_store import open_store
+from autospa.jobs.class2d import IterationInfo, circular_mask, particle_table
+from autospa.jobs.refine_common import check_particles_input, initial_noise, input_store, per_particle_init, write_data_table
+from autospa.jobs.registry import check_abort, option_bool, option_float, option_int, register_job, resolve_path, succeed
+from autospa.numerics.sampling import angular_sampling_deg
+from autospa.numerics.symmetry import point_group_order
+from autospa.refinement import init as rinit
+from autospa.refinement import mstep, schedule
+from autospa.refinement.estep import EStepModel, Sampling
+from autospa.refinement.state import ModelState
+from autospa.refinement.symmetry_align import align_symmetry, apply_alignment
+from autospa.refinement.vdam import vdam_update
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class InitialModelOptions:
+    """Options of a 3D initial model, named after relion_refine's.
+
+    Attributes
+    ----------
+    input, output
+        Particles (.star or store) and output root ``DIR/run``.
+    n_classes
+        --K (default 3, as RELION's schemes and the paper).
+    n_iter
+        --iter (200).
+    symmetry
+        --sym: the point group the final map is aligned to and symmetrised with (the run itself
+        is in C1, RELION's "run in C1 and apply symmetry later").
+    particle_diameter_a
+        --particle_diameter (default 75 % of the box).
+    tau2_fudge
+        Final T (scheduled from 1).
+    healpix_order, max_healpix_order
+        First and finest coarse HEALPix order of the auto-sampling (the fine pass is one finer).
+    offset_range_px, offset_step_px
+        Coarse translational search (RELION 6 / 2 pixels).
+    ctf
+        CTF correction (on when the particles have defocus values; --no_ctf turns it off).
+    pad
+        --pad (RELION's initial model uses 1).
+    """
+
+    input: str
+    output: str
+    n_classes: int = 3
+    n_iter: int = 200
+    symmetry: str = "C1"
+    particle_diameter_a: float | None = None
+    tau2_fudge: float = 4.0
+    healpix_order: int = 1
+    max_healpix_order: int = 2
+    offset_range_px: float = 6.0
+    offset_step_px: float = 2.0
+    ctf: bool = True
+    zero_mask: bool = True
+    grad_write_iter: int = 10
+    mu: float = 0.9
+    pad: int = 1
+    random_seed: int = 1
+    adaptive_fraction: float = 0.999
+    maxsig: int = 0
+    device: str = "cpu"
+    torch_threads: int = 0
+    store_chunk: int = 1024
+    command_line: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def check_input(opts: InitialModelOptions, continue_: bool = False) -> None:
+    """Cheap checks before a cluster starts; raises InputError."""
+    out_root = Path(opts.output)
+    if continue_:
+        ckpt = out_root.parent / f"{out_root.name}_checkpoint.pt"
+        if not ckpt.is_file():
+            raise InputError(ckpt, "no checkpoint to continue from (was the run started with this --o?)")
+        return
+    src = check_particles_input(opts.input)
+    if opts.n_classes < 1:
+        raise InputError(src, f"--K must be at least 1 (got {opts.n_classes})")
+    if opts.n_iter < 1:
+        raise InputError(src, f"--iter must be at least 1 (got {opts.n_iter})")
+    try:
+        point_group_order(opts.symmetry)
+    except ValueError as exc:
+        raise InputError(src, f"--sym: {exc}") from exc
+
+
+def healpix_order_for(resolution_a: float, diameter_a: float, min_order: int, max_order: int) -> int:
+    """Coarse HEALPix order whose fine step (order + 1) moves the particle's edge by at most a
+    quarter of the resolution: ``step <= resolution / diameter`` radians."""
+    need = math.degrees(resolution_a / max(diameter_a, 1e-6))
+    order = min_order
+    while order < max_order and angular_sampling_deg(order + 1) > need:
+        order += 1
+    return order
+
+
+def coarse_window_3d(step_deg: float, current_size: int, radius_px: float, min_size: int = 10) -> int:
+    """Window of the coarse pass: out to the shell where the coarse angular step moves the
+    particle's edge by about one pixel of that shell's wavelength (at most the current size)."""
+    r = radius_px / max(1.0, radius_px * math.radians(step_deg))
+    shell = max(min_size // 2, math.ceil(r * 1.5))
+    return int(min(current_size, max(min_size, 2 * shell)))
+
+
+def _diameter_px(opts, stack: ParticleStack) -> float:
+    if opts.particle_diameter_a is None:
+        return 0.75 * stack.box
+    d = opts.particle_diameter_a / float(stack.pixel_size_a)
+    if d <= 2 or d > 2 * stack.box:
+        raise InputError(opts.input, f"--particle_diameter {opts.particle_diameter_a} A is {d:.1f} px for a box of {stack.box} px")
+    return min(d, stack.box - 2.0)
+
+
+def use_ctf(stack: ParticleStack, requested: bool) -> bool:
+    """CTF correction when asked and the particles carry defocus values."""
+    return requested and "DefocusU" in stack.metadata and "DefocusV" in stack.metadata
+
+
+def _initialise(opts: InitialModelOptions, stack: ParticleStack, store_path: Path, table: ParticleTable,
+                mask: torch.Tensor | None, gen: torch.Generator) -> ModelState:
+    box = stack.box
+    sigma2, pick, imgs = initial_noise(store_path, table, mask, opts.random_seed)
+    ctf = ctf_images(None if table.ctf_params is None else table.ctf_params[pick], len(pick), box, table.pixel_size_a,
+                     torch.device("cpu"))
+    seeds = rinit.seed_maps(imgs, ctf, opts.n_classes, sigma2[0].to(torch.float32), gen, pad=opts.pad, ndim=3)
+    refs = rinit.blob_references(seeds, _diameter_px(opts, stack), gen)
+    k = opts.n_classes
+    dvp = torch.zeros(k, box // 2 + 1, dtype=torch.float64)
+    return ModelState(
+        refs=refs.to(torch.float32), sigma2=sigma2.to(torch.float32),
+        class_prior=torch.full((k,), 1.0 / k, dtype=torch.float64),
+        sigma_offset_a=3.0 * table.pixel_size_a, pixel_size_a=table.pixel_size_a,
+        current_size=mstep.next_current_size(dvp, box), iteration=0, tau2=mstep.tau2_of(refs, opts.pad),
+        data_vs_prior=dvp, completeness=torch.zeros_like(dvp), pad=opts.pad,
+        extra={"healpix_order": opts.healpix_order},
+    )
+
+
+def resolution_a(state: ModelState) -> float:
+    """Current resolution (Angstrom) of the best class (data_vs_prior >= 1)."""
+    shell = int(mstep.resolution_shell(state.data_vs_prior).max())
+    return state.box * state.pixel_size_a / max(shell, 1)
+
+
+def model_star_3d(root: Path, state: ModelState, table: ParticleTable, stack: ParticleStack, tau2_fudge_now: float,
+                  class_names: list[str], fsc: np.ndarray | None = None, extra_general: dict | None = None) -> Path:
+    """``<root>_model.star`` of a 3D run (data_model_general, classes, per-class spectra, groups, noise)."""
+    box, pix, k = state.box, state.pixel_size_a, len(class_names)
+    n_shells = box // 2 + 1
+    dvp = state.data_vs_prior.cpu().numpy()
+    res_shell = mstep.resolution_shell(state.data_vs_prior).cpu().numpy() if fsc is None else None
+    if fsc is not None:
+        from autospa.refinement.autorefine import resolution_shell_of
+
+        res_shell = np.array([resolution_shell_of(torch.as_tensor(fsc))] * k)
+    est_res = np.where(res_shell > 0, box * pix / np.maximum(res_shell, 1), 999.0)
+    completeness = state.completeness.cpu().numpy() if state.completeness is not None else np.zeros((k, n_shells))
+    pi = state.class_prior.cpu().numpy()
+    classes = pd.DataFrame({
+        "rlnReferenceImage": class_names,
+        "rlnClassDistribution": pi[:k] if len(pi) >= k else np.ones(k),
+        "rlnAccuracyRotations": np.full(k, 999.0),
+        "rlnAccuracyTranslationsAngst": np.full(k, 999.0),
+        "rlnEstimatedResolution": est_res,
+        "rlnOverallFourierCompleteness": [float(completeness[min(c, len(completeness) - 1), 1:max(2, state.current_size // 2 + 1)].mean())
+                                          for c in range(k)],
+        "rlnClassPriorOffsetX": np.zeros(k), "rlnClassPriorOffsetY": np.zeros(k),
+    })
+    n_groups = int(table.group.max()) + 1
+    general = {
+        "rlnReferenceDimensionality": 3, "rlnDataDimensionality": 2, "rlnOriginalImageSize": box,
+        "rlnCurrentResolution": float(est_res.min()), "rlnCurrentImageSize": state.current_size,
+        "rlnPaddingFactor": float(state.pad), "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1,
+        "rlnMinRadiusNnInterpolation": 10, "rlnPixelSize": pix, "rlnNrClasses": k, "rlnNrBodies": 1,
+        "rlnNrGroups": n_groups, "rlnNrOpticsGroups": n_groups, "rlnTau2FudgeFactor": float(tau2_fudge_now),
+        "rlnNormCorrectionAverage": 1.0, "rlnSigmaOffsetsAngst": float(state.sigma_offset_a),
+        "rlnOrientationalPriorMode": 0, "rlnSigmaPriorRotAngle": 0.0, "rlnSigmaPriorTiltAngle": 0.0,
+        "rlnSigmaPriorPsiAngle": 0.0, "rlnLogLikelihood": float(state.log_likelihood),
+        "rlnAveragePmax": float(state.average_pmax), **(extra_general or {}),
+    }
+    rescols = rf.resolution_columns(n_shells, box, pix)
+    tau2 = state.tau2.cpu().numpy()
+    spectra = []
+    for c in range(k):
+        cc = min(c, len(dvp) - 1)
+        spectra.append(rf.spectral_table({
+            **rescols, "rlnSsnrMap": dvp[cc], "rlnGoldStandardFsc": fsc if fsc is not None else np.zeros(n_shells),
+            "rlnFourierCompleteness": completeness[min(c, len(completeness) - 1)],
+            "rlnReferenceSigma2": state.sigma2[0].cpu().numpy(), "rlnReferenceTau2": tau2[min(c, len(tau2) - 1)]}))
+    counts = np.bincount(table.group, minlength=n_groups)
+    optics = stack.optics
+    names = optics["rlnOpticsGroupName"].tolist() if "rlnOpticsGroupName" in optics else [f"opticsGroup{g + 1}" for g in range(n_groups)]
+    groups = pd.DataFrame({"rlnGroupNumber": np.arange(1, n_groups + 1), "rlnGroupName": names[:n_groups],
+                           "rlnGroupNrParticles": counts, "rlnGroupScaleCorrection": np.ones(n_groups)})
+    noise = []
+    for g in range(n_groups):
+        s2 = state.sigma2[g].cpu().numpy()
+        keep = s2 > 0
+        noise.append(rf.spectral_table({"rlnSpectralIndex": rescols["rlnSpectralIndex"][keep],
+                                        "rlnResolution": rescols["rlnResolution"][keep], "rlnSigma2Noise": s2[keep]}))
+    return rf.write_model_star(Path(f"{root}_model.star"), general, classes, spectra, groups, noise)
+
+
+def _write_iteration(root: Path, it: int, state: ModelState, opts: InitialModelOptions, stack: ParticleStack,
+                     table: ParticleTable, pp: dict, t2f: float, step: float, subset: int, order: int) -> None:
+    pix = state.pixel_size_a
+    names = []
+    for c in range(state.n_classes):
+        p = Path(f"{root}_class{c + 1:03d}.mrc")
+        write_volume(p, state.refs[c], pix)
+        names.append(p.name)
+    model_star_3d(root, state, table, stack, t2f, names)
+    write_data_table(root, stack, pp, pix)
+    step_deg = angular_sampling_deg(order)
+    rf.write_general_star(Path(f"{root}_sampling.star"), "sampling_general", {
+        "rlnIs3DSampling": 1, "rlnIs3DTranslationalSampling": 0, "rlnHealpixOrder": order, "rlnSymmetryGroup": "C1",
+        "rlnTiltAngleLimit": -91.0, "rlnPsiStep": step_deg, "rlnOffsetRange": opts.offset_range_px * pix,
+        "rlnOffsetStep": opts.offset_step_px * pix, "rlnHelicalOffsetStep": -1.0, "rlnSamplingPerturbInstance": 0.0,
+        "rlnSamplingPerturbFactor": 0.5, "rlnHealpixOrderOriginal": opts.healpix_order,
+        "rlnPsiStepOriginal": angular_sampling_deg(opts.healpix_order), "rlnOffsetRangeOriginal": opts.offset_range_px * pix,
+        "rlnOffsetStepOriginal": opts.offset_step_px * pix})
+    rf.write_general_star(Path(f"{root}_optimiser.star"), "optimiser_general", {
+        "rlnOutputRootName": str(opts.output), "rlnModelStarFile": f"{root}_model.star",
+        "rlnExperimentalDataStarFile": f"{root}_data.star", "rlnOrientSamplingStarFile": f"{root}_sampling.star",
+        "rlnCurrentIteration": it, "rlnNumberOfIterations": opts.n_iter, "rlnAdaptiveOversampleFraction": opts.adaptive_fraction,
+        "rlnAdaptiveOversampleOrder": 1, "rlnParticleDiameter": float(opts.particle_diameter_a or 0.75 * stack.box * pix),
+        "rlnDoCorrectCtf": int(table.ctf_params is not None), "rlnDoZeroMask": int(opts.zero_mask),
+        "rlnDoSolventFlattening": 1, "rlnRandomSeed": opts.random_seed, "rlnTau2FudgeFactor": t2f,
+        "rlnDoGradientRefine": 1, "rlnGradCurrentStepsize": step, "rlnSgdSubsetSize": subset, "rlnSgdMuFactor": opts.mu,
+        "rlnSgdWriteEverySubset": opts.grad_write_iter, "rlnDoAutoSampling": 1, "rlnHasConverged": int(it >= opts.n_iter),
+    }, command_line=opts.command_line or None)
+
+
+def _save(path: Path, opts, store_path, n, box, state: ModelState, pp: dict, it: int, gen: torch.Generator) -> None:
+    rf.save_checkpoint(path, {
+        "version": CHECKPOINT_VERSION, "options": asdict(opts), "store": str(store_path), "n_particles": n, "box": box,
+        "state": state.to_dict(), "particles": pp, "iteration": it, "torch_rng": gen.get_state(),
+    })
+
+
+def final_map(state: ModelState, symmetry: str) -> tuple[torch.Tensor, int, dict]:
+    """The most populated class, aligned to the axes of ``symmetry`` and symmetrised (C1: as is).
+
+    Returns
+    -------
+    map, class_index, info
+        ``(D, D, D)``, the 0-based class, and ``{"symmetry_rotation", "symmetry_shift_px"}``.
+    """
+    best = int(torch.argmax(state.class_prior))
+    vol = state.refs[best].to(torch.float32)
+    if symmetry.upper() == "C1":
+        return vol, best, {}
+    alignment = align_symmetry(vol, symmetry)
+    out = apply_alignment(vol, alignment, apply_symmetry=True)
+    return out, best, {"symmetry_alignment": alignment}
+
+
+def run_initial_model(
+    opts: InitialModelOptions,
+    client=None,
+    continue_: bool = False,
+    progress: Callable[[IterationInfo], None] | None = None,
+    stop_after: int | None = None,
+) -> dict:
+    """Run (or continue) a VDAM 3D initial model.
+
+    Returns
+    -------
+    dict
+        ``{"iteration", "state", "particles", "store", "initial_model", "class_index"}``; the map
+        path is None when the run stopped early (``stop_after``).
+    """
+    out_root = Path(opts.output)
+    out_dir = out_root.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / f"{out_root.name}_checkpoint.pt"
+    check_input(opts, continue_)
+    if continue_:
+        ck = rf.load_checkpoint(ckpt_path)
+        stored = InitialModelOptions(**ck["options"])
+        stored.device, stored.torch_threads = opts.device, opts.torch_threads
+        opts = stored
+    store_path = input_store(opts.input, opts.output, opts.store_chunk) if not continue_ else Path(ck["store"])
+    stack = open_store(store_path)
+    table = particle_table(stack, use_ctf(stack, opts.ctf))
+    n, box = len(stack), stack.box
+    diameter_px = _diameter_px(opts, stack)
+    mask = circular_mask(box, diameter_px / 2) if opts.zero_mask else None
+    gen = torch.Generator().manual_seed(opts.random_seed)
+    if continue_:
+        if ck.get("n_particles") != n or ck.get("box") != box:
+            raise InputError(ckpt_path, "checkpoint does not match the particle store (different particles or box)")
+        state = ModelState.from_dict(ck["state"])
+        pp, it0 = ck["particles"], ck["iteration"]
+        gen.set_state(ck["torch_rng"])
+    else:
+        state = _initialise(opts, stack, store_path, table, mask, gen)
+        pp = per_particle_init(stack, table)
+        it0 = 0
+        _save(ckpt_path, opts, store_path, n, box, state, pp, 0, gen)
+    ph = schedule.phases(opts.n_iter)
+    s_ini, s_fin = schedule.subset_sizes(n, "3d")
+    chunk_bounds = stack.chunk_bounds()
+    diameter_a = diameter_px * table.pixel_size_a
+    for it in range(it0 + 1, opts.n_iter + 1):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(opts.random_seed * 100003 + it)
+        size = schedule.subset_size(it, ph, n, s_ini, s_fin, opts.n_classes)
+        subset = np.sort(rng.permutation(n)[:size]) if size < n else np.arange(n)
+        full = len(subset) == n
+        step = schedule.step_size(it, ph, final=0.5)
+        t2f = schedule.tau2_fudge(it, ph, final=opts.tau2_fudge)
+        order = max(int(state.extra.get("healpix_order", opts.healpix_order)),
+                    healpix_order_for(resolution_a(state), diameter_a, opts.healpix_order, opts.max_healpix_order))
+        state.extra["healpix_order"] = order
+        maxsig = opts.maxsig if opts.maxsig > 0 else 100 * opts.n_classes
+        sampling = Sampling(offset_range_px=opts.offset_range_px, offset_step_px=opts.offset_step_px,
+                            perturb=float(rng.uniform(-0.5, 0.5)), adaptive_fraction=opts.adaptive_fraction,
+                            max_significants=maxsig, healpix_order=order)
+        log_prior = torch.where(state.class_prior > 0, torch.log(state.class_prior.clamp_min(1e-300)),
+                                torch.full_like(state.class_prior, -torch.inf)).to(torch.float32)
+        model = EStepModel(
+            ref_ft=mstep.reference_ft(state.refs, state.pad), sigma2=state.sigma2, log_class_prior=log_prior,
+            sigma_offset_px=state.sigma_offset_a / state.pixel_size_a, current_size=state.current_size,
+            coarse_size=coarse_window_3d(angular_sampling_deg(order), state.current_size, diameter_px / 2), pad=state.pad)
+        stats, res = run_estep(client, str(store_path), chunk_bounds, subset, pp["origin_px"], table, model, sampling, mask,
+                               device=opts.device, torch_threads=opts.torch_threads)
+        idx = res["index"]
+        for key in ("class_index", "psi_deg", "rot_deg", "tilt_deg", "origin_px", "max_posterior", "n_significant", "log_likelihood"):
+            pp[key][idx] = res[key]
+        extra = dict(state.extra)
+        state, _info = vdam_update(state, stats, step, t2f, 0.0 if full else opts.mu, diameter_px / 2, center=False)
+        state = state.replace(extra=extra)
+        root = None
+        if full or it % opts.grad_write_iter == 0 or it == opts.n_iter:
+            root = rf.iteration_root(out_root, it)
+            _write_iteration(root, it, state, opts, stack, table, pp, t2f, step, len(subset), order)
+        _save(ckpt_path, opts, store_path, n, box, state, pp, it, gen)
+        if progress is not None:
+            progress(IterationInfo(it, opts.n_iter, len(subset), time.perf_counter() - t0, resolution_a(state),
+                                   float(state.log_likelihood), float(state.average_pmax), None if root is None else str(root)))
+        if stop_after is not None and it >= stop_after:
+            return {"iteration": it, "state": state, "particles": pp, "store": store_path, "initial_model": None, "class_index": None}
+    vol, best, info = final_map(state, opts.symmetry)
+    path = write_volume(out_dir / "initial_model.mrc", vol, state.pixel_size_a)
+    return {"iteration": state.iteration, "state": state, "particles": pp, "store": store_path, "initial_model": path,
+            "class_index": best, **info}
+
+
+def options_from_job(job_dir: Path, options: dict[str, str]) -> InitialModelOptions:
+    """InitialModelOptions from a relion.initialmodel job.star (RELION's GUI option names)."""
+    # the run is in C1 either way; the group is applied to the final map ("run in C1 and apply
+    # symmetry later", do_run_C1, RELION's default and the only mode here)
+    run_sym = options.get("sym_name", "C1") or "C1"
+    return InitialModelOptions(
+        input=str(resolve_path(job_dir, options.get("fn_img", ""))),
+        output=str(Path(job_dir) / "run"),
+        n_classes=option_int(options, "nr_classes", 1),
+        n_iter=option_int(options, "nr_iter", 200),
+        symmetry=run_sym,
+        particle_diameter_a=option_float(options, "particle_diameter", 200.0),
+        tau2_fudge=option_float(options, "tau_fudge", 4.0),
+        ctf=option_bool(options, "do_ctf_correction", True),
+    )
+
+
+@register_job("relion.initialmodel")
+def job_initialmodel(job_dir: Path, options: dict[str, str], continue_: bool) -> None:
+    """Registry entry (schemes): run the initial model in the job directory."""
+    opts = options_from_job(Path(job_dir), options)
+    from distributed import default_client
+
+    try:
+        client = default_client()
+    except ValueError:
+        client = None
+    ckpt = Path(job_dir) / "run_checkpoint.pt"
+    run_initial_model(opts, client=client, continue_=continue_ and ckpt.exists(), progress=lambda info: check_abort(job_dir))
+    succeed(job_dir)
+
+
+__all__ = ["InitialModelOptions", "check_input", "final_map", "healpix_order_for", "model_star_3d", "run_initial_model"]
