@@ -288,7 +288,16 @@ def test_abort_during_a_job(tmp_path: Path) -> None:
     t = threading.Thread(target=lambda: result.setdefault("r", run_scheme("mini", tmp_path, FAST)))
     t0 = time.monotonic()
     t.start()
-    while not (tmp_path / "External/job002").exists():
+    def b_started() -> bool:  # the job's folder exists before scheme.star records it as started
+        if not (tmp_path / "External/job002").exists():
+            return False
+        try:
+            s = read_scheme(tmp_path / "Schemes" / "mini")
+        except Exception:  # being replaced at this moment
+            return False
+        return s.current_node == "b" and s.jobs["b"].has_started
+
+    while not b_started():
         time.sleep(0.05)
         assert time.monotonic() - t0 < 10
     made = abort_scheme("mini", tmp_path)
