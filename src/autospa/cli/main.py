@@ -34,6 +34,7 @@ SUBCOMMAND_MODULES = (
     "autospa.cli.it",
     "autospa.cli.mdcatch",
     "autospa.cli.demo",
+    "autospa.cli.report",
 )
 
 
