@@ -26,7 +26,10 @@ from autospa.distributed.map_reduce import CTF_COLUMNS, ParticleTable, ctf_image
 from autospa.errors import InputError
 from autospa.io import refine_files as rf
 from autospa.io.zarr_store import open_store
-from autospa.jobs.refine_common import check_particles_input, initial_noise, input_store, per_particle_init, write_data_table
+from autospa.jobs.refine_common import (
+    check_particles_input, current_client, initial_noise,
+    input_store, particle_diameter_px, per_particle_init, write_data_table,
+)
 from autospa.jobs.registry import check_abort, option_bool, option_float, option_int, register_job, resolve_path, succeed
 from autospa.numerics.masks import soft_circular_mask
 from autospa.refinement import init as rinit
@@ -205,7 +208,7 @@ def _initialise(opts, stack: ParticleStack, store_path: Path, table: ParticleTab
     ctf = ctf_images(None if table.ctf_params is None else table.ctf_params[pick], len(pick), box, table.pixel_size_a, torch.device("cpu"))
     k = opts.n_classes
     seeds = rinit.seed_maps(imgs, ctf, k, sigma2[0].to(torch.float32), gen, pad=opts.pad)
-    diameter_px = _diameter_px(opts, stack)
+    diameter_px = particle_diameter_px(opts, stack)
     # Gaussian-blob references, different per class, for VDAM (RELION 4.0) and, unlike RELION, for
     # EM too: EM started from RELION's random-subset averages (all nearly the same rotationally
     # blurred blob) merged two of three simulated structures (purity 0.68 vs 1.00 from blobs, 500
@@ -227,14 +230,6 @@ def _initialise(opts, stack: ParticleStack, store_path: Path, table: ParticleTab
         pad=opts.pad,
     )
 
-
-def _diameter_px(opts: Class2DOptions, stack: ParticleStack) -> float:
-    if opts.particle_diameter_a is None:
-        return 0.75 * stack.box
-    d = opts.particle_diameter_a / float(stack.pixel_size_a)
-    if d <= 2 or d > 2 * stack.box:
-        raise InputError(opts.input, f"--particle_diameter {opts.particle_diameter_a} A is {d:.1f} px for a box of {stack.box} px")
-    return min(d, stack.box - 2.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +382,7 @@ def run_class2d(
     n, box = len(stack), stack.box
     if opts.n_classes < 1:
         raise InputError(opts.input, f"--K must be at least 1 (got {opts.n_classes})")
-    diameter_px = _diameter_px(opts, stack)
+    diameter_px = particle_diameter_px(opts, stack)
     mask = circular_mask(box, diameter_px / 2) if opts.zero_mask else None
     gen = torch.Generator().manual_seed(opts.random_seed)
     if continue_:
@@ -491,12 +486,7 @@ def options_from_job(job_dir: Path, options: dict[str, str]) -> Class2DOptions:
 def job_class2d(job_dir: Path, options: dict[str, str], continue_: bool) -> None:
     """Registry entry (schemes): run 2D classification in the job directory, resuming a checkpoint."""
     opts = options_from_job(Path(job_dir), options)
-    from distributed import default_client
-
-    try:
-        client = default_client()
-    except ValueError:
-        client = None
+    client = current_client()
     ckpt = Path(job_dir) / "run_checkpoint.pt"
     run_class2d(opts, client=client, continue_=continue_ and ckpt.exists(),
                 progress=lambda info: check_abort(job_dir))

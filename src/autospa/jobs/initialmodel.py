@@ -32,7 +32,10 @@ from autospa.io import refine_files as rf
 from autospa.io.postprocess_files import write_volume
 from autospa.io.zarr_store import open_store
 from autospa.jobs.class2d import IterationInfo, circular_mask, particle_table
-from autospa.jobs.refine_common import check_particles_input, initial_noise, input_store, per_particle_init, write_data_table
+from autospa.jobs.refine_common import (
+    check_particles_input, current_client, initial_noise,
+    input_store, particle_diameter_px, per_particle_init, write_data_table,
+)
 from autospa.jobs.registry import check_abort, option_bool, option_float, option_int, register_job, resolve_path, succeed
 from autospa.numerics.sampling import angular_sampling_deg
 from autospa.numerics.symmetry import point_group_order
@@ -140,14 +143,6 @@ def coarse_window_3d(step_deg: float, current_size: int, radius_px: float, min_s
     return int(min(current_size, max(min_size, 2 * shell)))
 
 
-def _diameter_px(opts, stack: ParticleStack) -> float:
-    if opts.particle_diameter_a is None:
-        return 0.75 * stack.box
-    d = opts.particle_diameter_a / float(stack.pixel_size_a)
-    if d <= 2 or d > 2 * stack.box:
-        raise InputError(opts.input, f"--particle_diameter {opts.particle_diameter_a} A is {d:.1f} px for a box of {stack.box} px")
-    return min(d, stack.box - 2.0)
-
 
 def use_ctf(stack: ParticleStack, requested: bool) -> bool:
     """CTF correction when asked and the particles carry defocus values."""
@@ -161,7 +156,7 @@ def _initialise(opts: InitialModelOptions, stack: ParticleStack, store_path: Pat
     ctf = ctf_images(None if table.ctf_params is None else table.ctf_params[pick], len(pick), box, table.pixel_size_a,
                      torch.device("cpu"))
     seeds = rinit.seed_maps(imgs, ctf, opts.n_classes, sigma2[0].to(torch.float32), gen, pad=opts.pad, ndim=3)
-    refs = rinit.blob_references(seeds, _diameter_px(opts, stack), gen)
+    refs = rinit.blob_references(seeds, particle_diameter_px(opts, stack), gen)
     k = opts.n_classes
     dvp = torch.zeros(k, box // 2 + 1, dtype=torch.float64)
     return ModelState(
@@ -322,7 +317,7 @@ def run_initial_model(
     stack = open_store(store_path)
     table = particle_table(stack, use_ctf(stack, opts.ctf))
     n, box = len(stack), stack.box
-    diameter_px = _diameter_px(opts, stack)
+    diameter_px = particle_diameter_px(opts, stack)
     mask = circular_mask(box, diameter_px / 2) if opts.zero_mask else None
     gen = torch.Generator().manual_seed(opts.random_seed)
     if continue_:
@@ -406,12 +401,7 @@ def options_from_job(job_dir: Path, options: dict[str, str]) -> InitialModelOpti
 def job_initialmodel(job_dir: Path, options: dict[str, str], continue_: bool) -> None:
     """Registry entry (schemes): run the initial model in the job directory."""
     opts = options_from_job(Path(job_dir), options)
-    from distributed import default_client
-
-    try:
-        client = default_client()
-    except ValueError:
-        client = None
+    client = current_client()
     ckpt = Path(job_dir) / "run_checkpoint.pt"
     run_initial_model(opts, client=client, continue_=continue_ and ckpt.exists(), progress=lambda info: check_abort(job_dir))
     succeed(job_dir)

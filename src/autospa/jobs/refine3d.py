@@ -36,7 +36,10 @@ from autospa.io.zarr_store import open_store, read_store_images
 from autospa.jobs.class2d import IterationInfo, circular_mask, particle_table
 from autospa.jobs.initialmodel import coarse_window_3d, model_star_3d, use_ctf
 from autospa.jobs.postprocess import PostprocessJob, run_postprocess
-from autospa.jobs.refine_common import check_particles_input, initial_noise, input_store, per_particle_init, write_data_table
+from autospa.jobs.refine_common import (
+    check_particles_input, current_client, initial_noise,
+    input_store, particle_diameter_px, per_particle_init, write_data_table,
+)
 from autospa.jobs.registry import check_abort, option_bool, option_float, register_job, resolve_path, succeed
 from autospa.numerics.fourier import fourier_pad
 from autospa.numerics.masks import raised_cosine, soft_spherical_mask
@@ -125,14 +128,6 @@ def check_input(opts: Refine3DOptions, continue_: bool = False) -> None:
     if opts.ini_high <= 0:
         raise InputError(src, f"--ini_high must be positive (got {opts.ini_high})")
 
-
-def _diameter_px(opts, stack: ParticleStack) -> float:
-    if opts.particle_diameter_a is None:
-        return 0.75 * stack.box
-    d = opts.particle_diameter_a / float(stack.pixel_size_a)
-    if d <= 2 or d > 2 * stack.box:
-        raise InputError(opts.input, f"--particle_diameter {opts.particle_diameter_a} A is {d:.1f} px for a box of {stack.box} px")
-    return min(d, stack.box - 2.0)
 
 
 def reference_on_particle_grid(path: str, box: int, pixel_size_a: float) -> torch.Tensor:
@@ -304,7 +299,7 @@ def run_refine3d(
     stack = open_store(store_path)
     table = particle_table(stack, use_ctf(stack, opts.ctf))
     n, box, pix = len(stack), stack.box, float(stack.pixel_size_a)
-    diameter_px = _diameter_px(opts, stack)
+    diameter_px = particle_diameter_px(opts, stack)
     mask = circular_mask(box, diameter_px / 2) if opts.zero_mask else None
     if continue_:
         if ck.get("n_particles") != n or ck.get("box") != box:
@@ -435,12 +430,7 @@ def options_from_job(job_dir: Path, options: dict[str, str]) -> Refine3DOptions:
 def job_refine3d(job_dir: Path, options: dict[str, str], continue_: bool) -> None:
     """Registry entry (schemes): run the refinement and its post-processing in the job directory."""
     opts = options_from_job(Path(job_dir), options)
-    from distributed import default_client
-
-    try:
-        client = default_client()
-    except ValueError:
-        client = None
+    client = current_client()
     ckpt = Path(job_dir) / "run_checkpoint.pt"
     run_refine3d(opts, client=client, continue_=continue_ and ckpt.exists(), progress=lambda info: check_abort(job_dir))
     succeed(job_dir)

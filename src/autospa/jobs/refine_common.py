@@ -49,6 +49,26 @@ def input_store(input_path: str | Path, output_root: str | Path, chunk: int = 10
     return store
 
 
+def particle_diameter_px(opts, stack: ParticleStack) -> float:
+    """``opts.particle_diameter_a`` in pixels of the stack (default 75 % of the box), checked."""
+    if opts.particle_diameter_a is None:
+        return 0.75 * stack.box
+    d = opts.particle_diameter_a / float(stack.pixel_size_a)
+    if d <= 2 or d > 2 * stack.box:
+        raise InputError(opts.input, f"--particle_diameter {opts.particle_diameter_a} A is {d:.1f} px for a box of {stack.box} px")
+    return min(d, stack.box - 2.0)
+
+
+def current_client():
+    """The dask client of the calling context (a scheme run's cluster), or None."""
+    from distributed import default_client
+
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
 def initial_noise(store_path: Path, table: ParticleTable, mask: torch.Tensor | None, seed: int,
                   per_group: int = 1000) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
     """RELION's initial noise spectra from up to ``per_group`` (zero-masked) particles per optics group.
@@ -118,4 +138,4 @@ def write_data_table(root: Path, stack: ParticleStack, pp: dict, pixel: float, h
     return rf.write_data_star(Path(f"{root}_data.star"), optics, particles)
 
 
-__all__ = ["check_particles_input", "initial_noise", "input_store", "per_particle_init", "write_data_table"]
+__all__ = ["check_particles_input", "current_client", "particle_diameter_px", "initial_noise", "input_store", "per_particle_init", "write_data_table"]
