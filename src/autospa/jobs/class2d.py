@@ -27,6 +27,7 @@ from autospa.errors import InputError
 from autospa.io import refine_files as rf
 from autospa.io.zarr_store import open_store
 from autospa.jobs.refine_common import (
+    checkpoint_path, group_tables, require_checkpoint, save_run_checkpoint,
     check_particles_input, current_client, initial_noise,
     input_store, particle_diameter_px, per_particle_init, write_data_table,
 )
@@ -141,10 +142,7 @@ class IterationInfo:
 def check_input(opts: Class2DOptions, continue_: bool = False) -> None:
     """Cheap checks of the input (before a cluster is started): raises InputError."""
     if continue_:
-        out_root = Path(opts.output)
-        ckpt = out_root.parent / f"{out_root.name}_checkpoint.pt"
-        if not ckpt.is_file():
-            raise InputError(ckpt, "no checkpoint to continue from (was the run started with this --o?)")
+        require_checkpoint(opts.output)
         return
     src = check_particles_input(opts.input)
     if opts.n_classes < 1:
@@ -277,18 +275,7 @@ def _model_star(root: Path, state: ModelState, opts: Class2DOptions, stack: Part
         spectra.append(rf.spectral_table({**rescols, "rlnSsnrMap": dvp[c], "rlnGoldStandardFsc": np.zeros(n_shells),
                                           "rlnFourierCompleteness": completeness[c], "rlnReferenceSigma2": state.sigma2[0].cpu().numpy(),
                                           "rlnReferenceTau2": tau2[c]}))
-    n_groups = int(table.group.max()) + 1
-    counts = np.bincount(table.group, minlength=n_groups)
-    optics = stack.optics
-    names = optics["rlnOpticsGroupName"].tolist() if "rlnOpticsGroupName" in optics else [f"opticsGroup{g + 1}" for g in range(n_groups)]
-    groups = pd.DataFrame({"rlnGroupNumber": np.arange(1, n_groups + 1), "rlnGroupName": names[:n_groups],
-                           "rlnGroupNrParticles": counts, "rlnGroupScaleCorrection": np.ones(n_groups)})
-    noise = []
-    for g in range(n_groups):
-        s2 = state.sigma2[g].cpu().numpy()
-        keep = s2 > 0
-        noise.append(rf.spectral_table({"rlnSpectralIndex": rescols["rlnSpectralIndex"][keep],
-                                        "rlnResolution": rescols["rlnResolution"][keep], "rlnSigma2Noise": s2[keep]}))
+    groups, noise = group_tables(state.sigma2, table, stack)
     return rf.write_model_star(Path(f"{root}_model.star"), general, classes, spectra, groups, noise)
 
 
@@ -368,7 +355,7 @@ def run_class2d(
     out_root = Path(opts.output)
     out_dir = out_root.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / f"{out_root.name}_checkpoint.pt"
+    ckpt_path = checkpoint_path(out_root)
     if continue_:
         ck = rf.load_checkpoint(ckpt_path)
         stored = Class2DOptions(**ck["options"])
@@ -455,10 +442,7 @@ def run_class2d(
 
 
 def _save(path: Path, opts, store_path, n, box, state: ModelState, pp: dict, it: int, gen: torch.Generator) -> None:
-    rf.save_checkpoint(path, {
-        "version": CHECKPOINT_VERSION, "options": asdict(opts), "store": str(store_path), "n_particles": n, "box": box,
-        "state": state.to_dict(), "particles": pp, "iteration": it, "torch_rng": gen.get_state(),
-    })
+    save_run_checkpoint(path, CHECKPOINT_VERSION, asdict(opts), store_path, n, box, state, pp, it, gen)
 
 
 def options_from_job(job_dir: Path, options: dict[str, str]) -> Class2DOptions:

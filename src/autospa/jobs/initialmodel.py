@@ -33,6 +33,7 @@ from autospa.io.postprocess_files import write_volume
 from autospa.io.zarr_store import open_store
 from autospa.jobs.class2d import IterationInfo, circular_mask, particle_table
 from autospa.jobs.refine_common import (
+    checkpoint_path, group_tables, require_checkpoint, save_run_checkpoint,
     check_particles_input, current_client, initial_noise,
     input_store, particle_diameter_px, per_particle_init, write_data_table,
 )
@@ -108,11 +109,8 @@ class InitialModelOptions:
 
 def check_input(opts: InitialModelOptions, continue_: bool = False) -> None:
     """Cheap checks before a cluster starts; raises InputError."""
-    out_root = Path(opts.output)
     if continue_:
-        ckpt = out_root.parent / f"{out_root.name}_checkpoint.pt"
-        if not ckpt.is_file():
-            raise InputError(ckpt, "no checkpoint to continue from (was the run started with this --o?)")
+        require_checkpoint(opts.output)
         return
     src = check_particles_input(opts.input)
     if opts.n_classes < 1:
@@ -220,17 +218,7 @@ def model_star_3d(root: Path, state: ModelState, table: ParticleTable, stack: Pa
             **rescols, "rlnSsnrMap": dvp[cc], "rlnGoldStandardFsc": fsc if fsc is not None else np.zeros(n_shells),
             "rlnFourierCompleteness": completeness[min(c, len(completeness) - 1)],
             "rlnReferenceSigma2": state.sigma2[0].cpu().numpy(), "rlnReferenceTau2": tau2[min(c, len(tau2) - 1)]}))
-    counts = np.bincount(table.group, minlength=n_groups)
-    optics = stack.optics
-    names = optics["rlnOpticsGroupName"].tolist() if "rlnOpticsGroupName" in optics else [f"opticsGroup{g + 1}" for g in range(n_groups)]
-    groups = pd.DataFrame({"rlnGroupNumber": np.arange(1, n_groups + 1), "rlnGroupName": names[:n_groups],
-                           "rlnGroupNrParticles": counts, "rlnGroupScaleCorrection": np.ones(n_groups)})
-    noise = []
-    for g in range(n_groups):
-        s2 = state.sigma2[g].cpu().numpy()
-        keep = s2 > 0
-        noise.append(rf.spectral_table({"rlnSpectralIndex": rescols["rlnSpectralIndex"][keep],
-                                        "rlnResolution": rescols["rlnResolution"][keep], "rlnSigma2Noise": s2[keep]}))
+    groups, noise = group_tables(state.sigma2, table, stack)
     return rf.write_model_star(Path(f"{root}_model.star"), general, classes, spectra, groups, noise)
 
 
@@ -265,10 +253,7 @@ def _write_iteration(root: Path, it: int, state: ModelState, opts: InitialModelO
 
 
 def _save(path: Path, opts, store_path, n, box, state: ModelState, pp: dict, it: int, gen: torch.Generator) -> None:
-    rf.save_checkpoint(path, {
-        "version": CHECKPOINT_VERSION, "options": asdict(opts), "store": str(store_path), "n_particles": n, "box": box,
-        "state": state.to_dict(), "particles": pp, "iteration": it, "torch_rng": gen.get_state(),
-    })
+    save_run_checkpoint(path, CHECKPOINT_VERSION, asdict(opts), store_path, n, box, state, pp, it, gen)
 
 
 def final_map(state: ModelState, symmetry: str) -> tuple[torch.Tensor, int, dict]:
@@ -306,7 +291,7 @@ def run_initial_model(
     out_root = Path(opts.output)
     out_dir = out_root.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / f"{out_root.name}_checkpoint.pt"
+    ckpt_path = checkpoint_path(out_root)
     check_input(opts, continue_)
     if continue_:
         ck = rf.load_checkpoint(ckpt_path)

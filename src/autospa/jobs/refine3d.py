@@ -37,17 +37,20 @@ from autospa.jobs.class2d import IterationInfo, circular_mask, particle_table
 from autospa.jobs.initialmodel import coarse_window_3d, model_star_3d, use_ctf
 from autospa.jobs.postprocess import PostprocessJob, run_postprocess
 from autospa.jobs.refine_common import (
+    checkpoint_path, require_checkpoint,
     check_particles_input, current_client, initial_noise,
     input_store, particle_diameter_px, per_particle_init, write_data_table,
 )
 from autospa.jobs.registry import check_abort, option_bool, option_float, register_job, resolve_path, succeed
+from autospa.conventions import euler_to_matrix
+from autospa.numerics import slices
 from autospa.numerics.fourier import fourier_pad
 from autospa.numerics.masks import raised_cosine, soft_spherical_mask
 from autospa.numerics.sampling import angular_sampling_deg
 from autospa.numerics.symmetry import point_group_order
 from autospa.refinement import autorefine as ar
 from autospa.refinement import mstep
-from autospa.refinement.estep import EStepModel, Sampling, centered_rfft2
+from autospa.refinement.estep import EStepModel, Sampling, centered_rfft2, rfft_frequencies
 from autospa.refinement.postprocess import low_pass
 from autospa.refinement.state import ModelState
 
@@ -111,11 +114,8 @@ class Refine3DOptions:
 
 def check_input(opts: Refine3DOptions, continue_: bool = False) -> None:
     """Cheap checks before a cluster starts; raises InputError."""
-    out_root = Path(opts.output)
     if continue_:
-        ckpt = out_root.parent / f"{out_root.name}_checkpoint.pt"
-        if not ckpt.is_file():
-            raise InputError(ckpt, "no checkpoint to continue from (was the run started with this --o?)")
+        require_checkpoint(opts.output)
         return
     src = check_particles_input(opts.input)
     ref = Path(opts.reference)
@@ -163,23 +163,17 @@ def greyscale_factor(ref: torch.Tensor, images: torch.Tensor, mask: torch.Tensor
     outside = centered_rfft2(images * (1 - mask))
     frac_in = float(mask.mean())
     frac_out = 1.0 - frac_in
-    freqs = torch.fft.fftfreq(box, d=1.0 / box)
-    ky, kx = torch.meshgrid(freqs, torch.arange(box // 2 + 1, dtype=torch.float32), indexing="ij")
-    shells = torch.round(torch.sqrt(kx**2 + ky**2)).long()
+    fr, shells = rfft_frequencies(box)
     # projections of the reference at random orientations: the central slice's power per shell
-    from autospa.conventions import euler_to_matrix
-    from autospa.numerics import slices
-
     g = torch.Generator().manual_seed(0)
     rnd = torch.rand(64, 3, generator=g, dtype=torch.float64)
     mats = euler_to_matrix(rnd[:, 0] * 360, torch.rad2deg(torch.acos(1 - 2 * rnd[:, 1])), rnd[:, 2] * 360)
     ft = slices.pad_reference_ft(ref[None], 2, 3)
-    fr = torch.stack([kx.reshape(-1), ky.reshape(-1)], -1)
     proj = slices.rotate_gather(ft, slices.stencil(mats, fr, box, 2))[0]  # (64, F)
     ctf2 = (ctf.reshape(ctf.shape[0], -1) ** 2).mean(0)
     num, den = 0.0, 0.0
     for s in range(2, max(3, max_shell + 1)):
-        sel = (shells.reshape(-1) == s)
+        sel = shells == s
         if not bool(sel.any()):
             continue
         p_in = float((inside.reshape(inside.shape[0], -1)[:, sel].abs() ** 2).mean())
@@ -288,7 +282,7 @@ def run_refine3d(
     out_root = Path(opts.output)
     out_dir = out_root.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / f"{out_root.name}_checkpoint.pt"
+    ckpt_path = checkpoint_path(out_root)
     check_input(opts, continue_)
     if continue_:
         ck = rf.load_checkpoint(ckpt_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from autospa.data.particle_stack import ParticleStack
@@ -67,6 +68,47 @@ def current_client():
         return default_client()
     except ValueError:
         return None
+
+
+def checkpoint_path(output_root: str | Path) -> Path:
+    """``DIR/run_checkpoint.pt`` of the output root ``DIR/run``."""
+    root = Path(output_root)
+    return root.parent / f"{root.name}_checkpoint.pt"
+
+
+def require_checkpoint(output_root: str | Path) -> Path:
+    """The checkpoint of a run to ``--continue``; raises InputError when there is none."""
+    ckpt = checkpoint_path(output_root)
+    if not ckpt.is_file():
+        raise InputError(ckpt, "no checkpoint to continue from (was the run started with this --o?)")
+    return ckpt
+
+
+def save_run_checkpoint(path: Path, version: int, options: dict, store_path, n: int, box: int, state, pp: dict, it: int,
+                        gen: torch.Generator) -> None:
+    """The driver state of an iterative job (class2d, initial-model), written atomically."""
+    rf.save_checkpoint(path, {
+        "version": version, "options": options, "store": str(store_path), "n_particles": n, "box": box,
+        "state": state.to_dict(), "particles": pp, "iteration": it, "torch_rng": gen.get_state(),
+    })
+
+
+def group_tables(sigma2: torch.Tensor, table: ParticleTable, stack: ParticleStack) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+    """data_model_groups and the data_model_optics_group_N noise spectra of a model.star."""
+    n_groups = int(table.group.max()) + 1
+    counts = np.bincount(table.group, minlength=n_groups)
+    optics = stack.optics
+    names = optics["rlnOpticsGroupName"].tolist() if "rlnOpticsGroupName" in optics else [f"opticsGroup{g + 1}" for g in range(n_groups)]
+    groups = pd.DataFrame({"rlnGroupNumber": np.arange(1, n_groups + 1), "rlnGroupName": names[:n_groups],
+                           "rlnGroupNrParticles": counts, "rlnGroupScaleCorrection": np.ones(n_groups)})
+    rescols = rf.resolution_columns(sigma2.shape[1], stack.box, float(stack.pixel_size_a))
+    noise = []
+    for g in range(n_groups):
+        s2 = sigma2[g].cpu().numpy()
+        keep = s2 > 0
+        noise.append(rf.spectral_table({"rlnSpectralIndex": rescols["rlnSpectralIndex"][keep],
+                                        "rlnResolution": rescols["rlnResolution"][keep], "rlnSigma2Noise": s2[keep]}))
+    return groups, noise
 
 
 def initial_noise(store_path: Path, table: ParticleTable, mask: torch.Tensor | None, seed: int,
@@ -138,4 +180,4 @@ def write_data_table(root: Path, stack: ParticleStack, pp: dict, pixel: float, h
     return rf.write_data_star(Path(f"{root}_data.star"), optics, particles)
 
 
-__all__ = ["check_particles_input", "current_client", "particle_diameter_px", "initial_noise", "input_store", "per_particle_init", "write_data_table"]
+__all__ = ["check_particles_input", "checkpoint_path", "group_tables", "require_checkpoint", "save_run_checkpoint", "current_client", "particle_diameter_px", "initial_noise", "input_store", "per_particle_init", "write_data_table"]
