@@ -31,15 +31,23 @@ def run_one(phantom: str, sym: str, seed: int, args, work: Path) -> dict:
     from autospa.refinement.postprocess import low_pass
     from autospa.simulate.datasets import write_particle_dataset
 
+    from autospa.simulate.phantoms import pseudo_atomic_phantom
+
     base = work / f"{phantom}_{sym}_{seed}"
+    base.mkdir(parents=True, exist_ok=True)
+    # atoms of atom_sigma pixels: the map holds signal out to Nyquist (the simulator's default
+    # atoms, 1.1 px, leave almost none beyond 1.2x Nyquist, where no refinement can follow)
+    vol = pseudo_atomic_phantom(args.box, args.px, seed=seed, symmetry=phantom, atom_sigma_a=args.atom_sigma * args.px)
+    phantom_map = write_volume(base / "phantom.mrc", vol, args.px)
     ds = write_particle_dataset(base, n=args.n, box=args.box, pixel_size_a=args.px, n_classes=1, snr=args.snr,
-                                junk_fraction=0.0, seed=seed, symmetry=phantom)
+                                junk_fraction=0.0, seed=seed, map_path=phantom_map)
     truth, _ = read_volume(ds.maps[0])
     ref = write_volume(base / "ref.mrc", low_pass(truth.double(), 30.0, args.px).float(), args.px)
     t = time.perf_counter()
     res = run_refine3d(Refine3DOptions(str(ds.particles_star), str(base / "r3d" / "run"), str(ref), symmetry=sym,
                                        particle_diameter_a=0.6 * args.box * args.px, ini_high=30.0,
-                                       healpix_order=args.order, max_healpix_order=args.max_order, random_seed=seed))
+                                       healpix_order=args.order, max_healpix_order=args.max_order,
+                                       auto_local_healpix_order=args.local_order, random_seed=seed))
     wall = time.perf_counter() - t
     final, _ = read_volume(base / "r3d" / "run_class001.mrc")
     curve = fsc(final.double(), truth.double())
@@ -57,11 +65,14 @@ def main() -> None:
     p.add_argument("--box", type=int, default=24)
     p.add_argument("--px", type=float, default=6.0)
     p.add_argument("--snr", type=float, default=0.2)
-    p.add_argument("--order", type=int, default=1)
-    p.add_argument("--max_order", type=int, default=2)
+    p.add_argument("--atom_sigma", type=float, default=0.6, help="phantom atom width in pixels (default 0.6)")
+    p.add_argument("--order", type=int, default=2)
+    p.add_argument("--max_order", type=int, default=4)
+    p.add_argument("--local_order", type=int, default=3, help="local searches from this HEALPix order on")
+    p.add_argument("--cases", default="C1/C1,D2/C1,D2/D2", help="phantom/symmetry pairs")
     args = p.parse_args()
     rows = []
-    cases = [("C1", "C1"), ("D2", "C1"), ("D2", "D2")]
+    cases = [tuple(c.split("/")) for c in args.cases.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         for phantom, sym in cases:
             for seed in range(args.seeds):

@@ -169,6 +169,7 @@ def estep_task(
     mask: torch.Tensor | None,
     device: str = "cpu",
     torch_threads: int = 0,
+    angles_deg: np.ndarray | None = None,
 ) -> tuple[SufficientStats, dict]:
     """One map task: the E-step on particles ``start + local`` of a store chunk.
 
@@ -178,6 +179,8 @@ def estep_task(
         ``(n,)`` indices into the chunk.
     origin_px, ctf_params, premultiplied, group, half
         Per-particle values of those particles (``(n, 2)``, ``(n, 9)``, ``(n,)``...).
+    angles_deg
+        ``(n, 3)`` previous (rot, tilt, psi) of those particles: the centres of local searches.
 
     Returns
     -------
@@ -205,6 +208,7 @@ def estep_task(
         origin_px=torch.as_tensor(origin_px, dtype=torch.float32, device=dev),
         group=torch.as_tensor(group, dtype=torch.long, device=dev),
         half=torch.as_tensor(half, dtype=torch.long, device=dev),
+        angles_deg=None if angles_deg is None else torch.as_tensor(angles_deg, dtype=torch.float32, device=dev),
     )
     with torch.no_grad():
         stats, res = expectation(batch, model, sampling, mask.to(dev) if mask is not None else None)
@@ -269,6 +273,7 @@ def run_estep(
     device: str = "cpu",
     torch_threads: int = 0,
     max_per_task: int = 0,
+    angles_deg: np.ndarray | None = None,
 ) -> tuple[SufficientStats, dict]:
     """Map the E-step over the chunks holding ``indices`` and reduce the statistics.
 
@@ -280,6 +285,9 @@ def run_estep(
         ``(N_store, 2)`` current origins of all particles (pixels).
     table
         Per-particle CTF, group and half-set of all particles.
+    angles_deg
+        ``(N_store, 3)`` previous (rot, tilt, psi) of all particles; needed by local searches
+        (``sampling.local_sigma_deg > 0``).
 
     Returns
     -------
@@ -300,11 +308,14 @@ def run_estep(
             table.half[g],
         )
 
+    def angles_of(start: int, local: np.ndarray):
+        return None if angles_deg is None else np.asarray(angles_deg[start + local], dtype=np.float32)
+
     if client is None:
         stats, parts = None, []
         for s, e, loc in tasks:  # a running sum: memory does not grow with the number of chunks
             st, res = estep_task(store_path, s, e, *args_of(s, loc), table.pixel_size_a, model, sampling, mask, device,
-                                 torch_threads)
+                                 torch_threads, angles_of(s, loc))
             stats = st if stats is None else stats + st
             parts.append(res)
         results = _concat(parts)
@@ -312,7 +323,7 @@ def run_estep(
         model_f, mask_f = client.scatter([model, mask], broadcast=True, hash=False)
         futures = [
             client.submit(estep_task, store_path, s, e, *args_of(s, loc), table.pixel_size_a, model_f, sampling, mask_f,
-                          device, torch_threads, pure=False, key=f"estep-{s}-{int(loc[0])}-{os.urandom(4).hex()}")
+                          device, torch_threads, angles_of(s, loc), pure=False, key=f"estep-{s}-{int(loc[0])}-{os.urandom(4).hex()}")
             for s, e, loc in tasks
         ]
         stat_f = [client.submit(lambda r: r[0], f, pure=False) for f in futures]

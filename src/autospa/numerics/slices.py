@@ -146,9 +146,8 @@ def stencil(rotations: torch.Tensor, freqs: torch.Tensor, box: int, pad: int = 2
     """
     ndim = rotations.shape[-1]
     pd = pad * box
-    a = rotations.to(freqs.device, torch.float32)[:, :2, :] * pad  # rows x and y of A
     # p = A^T (kx, ky[, 0])  as row vectors: f @ A[:2]  (float32: 1e-5 pixel at 256 pixels)
-    p = torch.einsum("fi,rij->rfj", freqs.to(torch.float32), a) + pd // 2  # (R, F, n)
+    p = sample_positions(rotations, freqs, box, pad)  # (R, F, n)
     p0 = torch.floor(p)
     frac = (p - p0).to(freqs.dtype)
     p0 = p0.long()
@@ -166,6 +165,53 @@ def stencil(rotations: torch.Tensor, freqs: torch.Tensor, box: int, pad: int = 2
             wts = (w[..., :, None] * wts[..., None, :]).flatten(-2)
     idx = torch.where(wts > 0, idx, torch.zeros_like(idx)).clamp(0, pd**ndim - 1)
     return Interp(idx, wts, pd, ndim)
+
+
+def sample_positions(rotations: torch.Tensor, freqs: torch.Tensor, box: int, pad: int = 2) -> torch.Tensor:
+    """Grid positions ``(R, F, n)`` (x, y[, z] in padded-grid pixels) of ``A^T f`` for every
+    rotation: the points :func:`stencil` interpolates."""
+    pd = pad * box
+    a = rotations.to(freqs.device, torch.float32)[:, :2, :] * pad
+    return torch.einsum("fi,rij->rfj", freqs.to(torch.float32), a) + pd // 2
+
+
+def channels(ref_ft: torch.Tensor) -> torch.Tensor:
+    """``(1, 2K) + (P*D,) * n`` real view of complex padded references (real and imaginary parts
+    as channels), the input of :func:`project`."""
+    k = ref_ft.shape[0]
+    ndim = ref_ft.dim() - 1
+    r = torch.view_as_real(ref_ft)  # (K, ..., 2)
+    return r.permute(0, ndim + 1, *range(1, ndim + 1)).reshape((1, 2 * k) + ref_ft.shape[1:]).contiguous()
+
+
+def project(ref_channels: torch.Tensor, rotations: torch.Tensor, freqs: torch.Tensor, box: int, pad: int = 2) -> torch.Tensor:
+    """Rotated references (2D) or central slices (3D) of every class at every rotation, by
+    multilinear interpolation (``grid_sample``; the same values as :func:`rotate_gather` with
+    :func:`stencil`, without building the stencil: the fast path of local searches).
+
+    Parameters
+    ----------
+    ref_channels
+        ``(1, 2K) + (P*D,) * n`` from :func:`channels`.
+    rotations
+        ``(R, n, n)``.
+    freqs
+        ``(F, 2)`` D-grid frequencies.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K, R, F)`` complex.
+    """
+    ndim = ref_channels.dim() - 2
+    pd = ref_channels.shape[-1]
+    pos = sample_positions(rotations, freqs, box, pad).to(ref_channels.dtype)  # (R, F, n) x fastest
+    grid = (2.0 * pos / (pd - 1) - 1.0)[None]  # (1, R, F, n)
+    if ndim == 3:
+        grid = grid[:, :, :, None, :]  # (1, R, F, 1, 3)
+    out = torch.nn.functional.grid_sample(ref_channels, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = out.reshape(ref_channels.shape[1] // 2, 2, rotations.shape[0], freqs.shape[0])
+    return torch.complex(out[:, 0], out[:, 1])
 
 
 def interpolation_stencil(psi_deg: torch.Tensor, freqs: torch.Tensor, box: int, pad: int = 2) -> Interp:

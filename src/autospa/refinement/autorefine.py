@@ -154,7 +154,11 @@ class AutoSampling:
     iter_without_gain
         Iterations since the resolution last improved.
     iter_small_changes
-        Iterations whose mean orientation change was small (below the coarse step).
+        Iterations whose mean orientation change was small: below half the coarse step, or no
+        smaller than the smallest change seen at this sampling (RELION: the changes stopped
+        decreasing).
+    smallest_change_deg
+        Smallest mean orientation change at the current sampling.
     converged
         Sampling is at its finest and neither resolution nor poses change.
     """
@@ -166,6 +170,7 @@ class AutoSampling:
     iter_without_gain: int = 0
     iter_small_changes: int = 0
     converged: bool = False
+    smallest_change_deg: float = 1e30
 
     @property
     def angular_step_deg(self) -> float:
@@ -176,21 +181,26 @@ def update_sampling(auto: AutoSampling, resolution_shell: int, mean_angle_change
     """One step of the auto-sampling rules.
 
     The resolution gains when the 0.143 shell moves out; changes are small when the particles'
-    mean orientation change is below half the coarse step. After an iteration with neither, the
+    mean orientation change is below half the coarse step or has stopped decreasing. After an iteration with neither, the
     sampling gets finer (HEALPix order + 1, translational step halved down to 0.5 px, range
     shrunk to at least 3 steps); when it cannot (``max_order``), the refinement has converged.
     """
     gain = resolution_shell > auto.best_shell
     best = max(auto.best_shell, resolution_shell)
     wo_gain = 0 if gain else auto.iter_without_gain + 1
-    small = auto.iter_small_changes + 1 if mean_angle_change_deg < 0.5 * auto.angular_step_deg else 0
+    small_now = (mean_angle_change_deg < 0.5 * auto.angular_step_deg
+                 or mean_angle_change_deg >= 0.98 * auto.smallest_change_deg)
+    small = auto.iter_small_changes + 1 if small_now else 0
+    smallest = min(auto.smallest_change_deg, mean_angle_change_deg)
     if wo_gain >= 1 and small >= 1:
         if auto.healpix_order < max_order:
             step = max(0.5, auto.offset_step_px / 2)
             rng = max(3 * step, auto.offset_range_px * 0.6)
             return AutoSampling(auto.healpix_order + 1, rng, step, best, 0, 0, False)
-        return AutoSampling(auto.healpix_order, auto.offset_range_px, auto.offset_step_px, best, wo_gain, small, True)
-    return AutoSampling(auto.healpix_order, auto.offset_range_px, auto.offset_step_px, best, wo_gain, small, False)
+        return AutoSampling(auto.healpix_order, auto.offset_range_px, auto.offset_step_px, best, wo_gain, small, True,
+                            smallest)
+    return AutoSampling(auto.healpix_order, auto.offset_range_px, auto.offset_step_px, best, wo_gain, small, False,
+                        smallest)
 
 
 def next_window(resolution_shell: int, box: int, incr_size: int = 10) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from autospa.conventions import euler_to_matrix, psi_to_matrix_2d
+from autospa.conventions import euler_to_matrix, matrix_to_euler, psi_to_matrix_2d
 from autospa.numerics import slices
 from autospa.numerics.sampling import (
     angular_sampling_deg,
@@ -64,6 +64,12 @@ class Sampling:
         Coarse HEALPix order of 3D references (the fine pass uses order + 1); None for 2D.
     symmetry
         Point group of 3D references: symmetry-equivalent directions are left out of the grid.
+    local_sigma_deg
+        0: global searches. > 0 (3D only): local searches (RELION's orientation priors): every
+        particle's orientations within ``3 * local_sigma_deg`` of its previous one, on a lattice
+        of the fine step (order + 1), weighted by a Gaussian prior of this width; translations
+        around the previous origin at the fine step within ``offset_range_px``. One pass, no
+        coarse pruning: the work per particle is fixed by the width, not by the order.
     """
 
     psi_step_deg: float = 6.0
@@ -74,6 +80,7 @@ class Sampling:
     max_significants: int = 0
     healpix_order: int | None = None
     symmetry: str = "C1"
+    local_sigma_deg: float = 0.0
 
 
 @dataclass
@@ -131,6 +138,9 @@ class ParticleBatch:
         ``(N,)`` long optics-group index (0-based, into ``EStepModel.sigma2``).
     half
         ``(N,)`` long half-set (0 or 1).
+    angles_deg
+        ``(N, 3)`` previous (rot, tilt, psi) in degrees: the centres of local searches (None
+        for global searches).
     """
 
     images: torch.Tensor
@@ -138,6 +148,11 @@ class ParticleBatch:
     origin_px: torch.Tensor
     group: torch.Tensor
     half: torch.Tensor
+    angles_deg: torch.Tensor | None = None
+
+    def subset(self, sl: slice) -> "ParticleBatch":
+        return ParticleBatch(self.images[sl], self.ctf[sl], self.origin_px[sl], self.group[sl], self.half[sl],
+                             None if self.angles_deg is None else self.angles_deg[sl])
 
 
 @dataclass
@@ -326,6 +341,8 @@ def expectation(
     n_groups, n_shells = model.sigma2.shape
     pd = model.ref_ft.shape[-1]
     stats = SufficientStats.zeros(2, k, pd, device=device, n_groups=n_groups, n_shells=n_shells, ndim=model.ndim)
+    if sampling.local_sigma_deg > 0:
+        return _expectation_local(batch, model, sampling, mask, stats, chunk_particles)
 
     prep = _prepare(model, sampling, box, device)
     t_c, r_c = len(prep.trans_c), prep.n_coarse
@@ -347,7 +364,7 @@ def expectation(
     results = []
     for start in range(0, n, chunk_particles):
         sl = slice(start, min(n, start + chunk_particles))
-        sub = ParticleBatch(batch.images[sl], batch.ctf[sl], batch.origin_px[sl], batch.group[sl], batch.half[sl])
+        sub = batch.subset(sl)
         results.extend(_expectation_chunk(sub, model, sampling, mask, prep, stats, acc))
     if acc is not None:
         used = torch.nonzero((acc[1] != 0).any(-1).any(0)).squeeze(1)
@@ -874,19 +891,7 @@ def _fine_pass(batch, sl, sig, n_sig, model, prep: _Prepared, stats, rounded, x_
             0, col_class, g_part[parts].sum(0, dtype=torch.float64))
     # residual power |X_t - C A|^2 = |X|^2 - 2 C Re(X_t conj(A)) + C^2 |A|^2, posterior-weighted
     resid = (x_f.real**2 + x_f.imag**2) * g_part.sum(1, keepdim=True) - 2 * ctf_f * cross_pix + ctf_f**2 * (g_part @ a_pow)
-    # noise power per group and shell: residuals inside the window + image power beyond it
-    shells_f = shells_all[idx_f]
-    beyond = torch.ones(len(shells_all), dtype=torch.bool, device=device)
-    beyond[idx_m] = False
-    beyond &= ~((freqs_all[:, 0] == 0) & (freqs_all[:, 1] < 0))
-    beyond &= shells_all < n_shells_of(stats)
-    pow_beyond = x_mask[:, beyond].abs() ** 2
-    for g_ in torch.unique(group):
-        sel = group == g_
-        stats.noise_power[g_] += torch.zeros(n_shells_of(stats), dtype=torch.float64, device=device).index_add_(
-            0, shells_f, resid[sel].sum(0).to(torch.float64)).index_add_(
-            0, shells_all[beyond], pow_beyond[sel].sum(0).to(torch.float64))
-        stats.noise_weight[g_] += sel.sum()
+    _add_noise_power(stats, group, resid, x_mask, idx_f, idx_m, freqs_all, shells_all)
     stats.offset_sq += (g_rows * ((rounded[row_p] + row_t).to(torch.float64) ** 2).sum(-1)).sum()
     stats.offset_weight += g_rows.sum()
     stats.log_likelihood += ll.to(torch.float64).sum()
@@ -904,6 +909,208 @@ def _fine_pass(batch, sl, sig, n_sig, model, prep: _Prepared, stats, rounded, x_
         n_significant=n_sig,
         log_likelihood=ll.to(torch.float32),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# local searches
+
+
+def local_rotations(step_deg: float, range_deg: float, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small rotations around the identity: a cubic lattice of rotation vectors of spacing
+    ``step_deg`` inside the ball of radius ``range_deg``.
+
+    Returns
+    -------
+    rotations
+        ``(J, 3, 3)`` matrices (the identity included).
+    angle_deg
+        ``(J,)`` rotation angle of each.
+    """
+    n = int(math.floor(range_deg / step_deg + 1e-6))
+    ax = torch.arange(-n, n + 1, dtype=torch.float64) * math.radians(step_deg)
+    w = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
+    ang = w.norm(dim=-1)
+    keep = ang <= math.radians(range_deg) * (1 + 1e-9)
+    w, ang = w[keep], ang[keep]
+    skew = torch.zeros(len(w), 3, 3, dtype=torch.float64)
+    skew[:, 0, 1], skew[:, 0, 2], skew[:, 1, 2] = -w[:, 2], w[:, 1], -w[:, 0]
+    skew = skew - skew.transpose(1, 2)
+    return torch.linalg.matrix_exp(skew).to(dtype=dtype, device=device), torch.rad2deg(ang).to(dtype=dtype, device=device)
+
+
+def local_step_deg(sampling: Sampling) -> float:
+    """Lattice step of local searches: the fine step of the sampling's HEALPix order."""
+    return angular_sampling_deg(int(sampling.healpix_order) + 1)
+
+
+def _expectation_local(batch: ParticleBatch, model: EStepModel, sampling: Sampling, mask, stats: SufficientStats,
+                       chunk_particles: int | None) -> tuple[SufficientStats, ParticleResult]:
+    if model.ndim != 3 or sampling.healpix_order is None:
+        raise ValueError("local searches need 3D maps and a HEALPix order")
+    if batch.angles_deg is None:
+        raise ValueError("local searches need the particles' previous angles (ParticleBatch.angles_deg)")
+    device = batch.images.device
+    n, box, _ = batch.images.shape
+    k = model.ref_ft.shape[0]
+    sigma = float(sampling.local_sigma_deg)
+    deltas, ang = local_rotations(local_step_deg(sampling), 3 * sigma, device)
+    log_prior = -(ang.double() ** 2) / (2 * sigma**2)
+    trans = translation_grid(sampling.offset_range_px, sampling.offset_step_px / 2, dtype=torch.float32, device=device)
+    freqs_all, _ = rfft_frequencies(box, device)
+    idx_f = window_indices(box, model.current_size, device)
+    idx_m = window_indices(box, model.current_size, device, include_dc=True)
+    if chunk_particles is None:
+        per_particle = k * len(deltas) * (6 * len(idx_f) + 4 * len(idx_m) + 3 * len(trans)) + 4 * len(trans) * len(idx_m)
+        chunk_particles = max(1, min(n, CHUNK_BUDGET // max(1, per_particle)))
+    # back-projections of all chunks, Hermitian-completed once at the end
+    raw = [torch.zeros_like(stats.data, dtype=torch.complex64), torch.zeros_like(stats.weight, dtype=torch.float32)]
+    ref_channels = slices.channels(model.ref_ft)
+    results = []
+    for start in range(0, n, chunk_particles):
+        sl = slice(start, min(n, start + chunk_particles))
+        results.append(_local_chunk(batch.subset(sl), model, sampling, mask, stats, raw, ref_channels, deltas, log_prior,
+                                    trans, idx_f, idx_m))
+    for h in range(2):
+        stats.data[h] += slices.hermitian_complete(raw[0][h], 3).to(stats.data.dtype)
+        stats.weight[h] += slices.hermitian_complete(raw[1][h], 3).to(stats.weight.dtype)
+    res = ParticleResult(*[torch.cat([getattr(r, f) for r in results]) for f in ParticleResult.__dataclass_fields__])
+    return stats, res
+
+
+def _project_rotations(ref_channels: torch.Tensor, rots: torch.Tensor, freqs: torch.Tensor, box: int, pad: int) -> torch.Tensor:
+    """Slices ``(K, R, F)`` of every class at the rotations ``rots`` ``(R, 3, 3)``, in blocks."""
+    block = max(1, 4 * COLUMN_BLOCK)
+    out = [slices.project(ref_channels, rots[s : s + block], freqs, box, pad) for s in range(0, len(rots), block)]
+    return torch.cat(out, 1)
+
+
+def _local_chunk(batch: ParticleBatch, model: EStepModel, sampling: Sampling, mask, stats: SufficientStats,
+                 raw: list[torch.Tensor], ref_channels: torch.Tensor, deltas: torch.Tensor, log_prior: torch.Tensor, trans: torch.Tensor, idx_f: torch.Tensor,
+                 idx_m: torch.Tensor) -> ParticleResult:
+    """Local searches of one chunk: every (class, nearby orientation, nearby translation) of each
+    particle scored as batched GEMMs, significant orientations back-projected."""
+    device = batch.images.device
+    n, box, _ = batch.images.shape
+    k = model.ref_ft.shape[0]
+    n_j = len(deltas)
+    kj = k * n_j
+    freqs_all, shells_all = rfft_frequencies(box, device)
+    f_f, f_m = freqs_all[idx_f], freqs_all[idx_m]
+    rounded = batch.origin_px.round()
+    frac = batch.origin_px - rounded
+    shifted = integer_shift(batch.images, rounded)
+    masked = soft_mask_background(shifted, mask) if mask is not None else shifted
+    ph_frac = _phases(freqs_all, frac, box)  # (N, Fall): the sub-pixel part of the previous origin
+    x_mask = centered_rfft2(masked).reshape(n, -1)
+    x_full = centered_rfft2(shifted).reshape(n, -1) * ph_frac
+    ctf_all = batch.ctf.reshape(n, -1)
+    inv_s2_all = 1.0 / model.sigma2[batch.group][:, shells_all.clamp_max(model.sigma2.shape[1] - 1)]
+    s_off2 = max(model.sigma_offset_px, 1e-3) ** 2
+
+    prev = euler_to_matrix(batch.angles_deg[:, 0], batch.angles_deg[:, 1], batch.angles_deg[:, 2]).to(deltas.dtype)
+    rots = (deltas[None] @ prev[:, None]).reshape(-1, 3, 3)  # (N*J, 3, 3)
+    a = _project_rotations(ref_channels, rots, f_f, box, model.pad)  # (K, N*J, Ff)
+    a = a.reshape(k, n, n_j, -1).transpose(0, 1).reshape(n, kj, -1)  # (N, K*J, Ff) column = class * J + j
+    x_f = x_mask[:, idx_f] * ph_frac[:, idx_f]
+    ctf_f, w_f = ctf_all[:, idx_f], inv_s2_all[:, idx_f]
+    ph_f = _phases(f_f, trans, box)  # (T, Ff)
+    p = (ctf_f * w_f * x_f)[:, None, :] * ph_f[None]  # (N, T, Ff)
+    logw = torch.bmm(torch.cat([p.real, p.imag], -1), torch.cat([a.real, a.imag], -1).transpose(1, 2))  # (N, T, KJ)
+    del p
+    a_pow = a.real**2 + a.imag**2  # (N, KJ, Ff)
+    norm = torch.bmm(a_pow, (ctf_f**2 * w_f)[:, :, None]).squeeze(-1)  # (N, KJ)
+    xnorm = ((x_f.real**2 + x_f.imag**2) * w_f).sum(-1)
+    pos = rounded[:, None, :] + frac[:, None, :] + trans[None]  # (N, T, 2) total origins
+    log_off = -(pos**2).sum(-1) / (2 * s_off2)
+    col_prior = (model.log_class_prior.to(torch.float64)[:, None] + log_prior[None]).reshape(-1)  # (KJ,)
+    logw -= 0.5 * (xnorm[:, None, None] + norm[:, None, :])
+    logw += log_off[:, :, None]
+    logw += col_prior.to(logw.dtype)[None, None, :]
+    mx = logw.amax((1, 2))
+    gam = torch.exp(logw - mx[:, None, None])
+    del logw
+    s_i = gam.sum((1, 2), dtype=torch.float64)
+    log_norm = torch.log(2 * math.pi / w_f).sum(-1)
+    ll = (mx.to(torch.float64) + torch.log(s_i)).to(xnorm.dtype) - log_norm
+    # significant orientations: those holding adaptive_fraction of each particle's mass
+    col_mass = gam.sum(1)  # (N, KJ)
+    thr = row_threshold(col_mass, sampling.adaptive_fraction, sampling.max_significants)
+    keep = (col_mass >= thr[:, None]) & (col_mass > 0)
+    gam = gam * keep[:, None, :]
+    gam = (gam.to(torch.float64) / gam.sum((1, 2), dtype=torch.float64)[:, None, None]).to(a_pow.dtype)
+    n_sig = (gam > 0).sum((1, 2))
+    flat = gam.reshape(n, -1)
+    gmax, arg = flat.max(1)
+    b_t, b_c = arg // kj, arg % kj
+    best_rot = rots.reshape(n, n_j, 3, 3)[torch.arange(n, device=device), b_c % n_j]
+    rot, tilt, psi = matrix_to_euler(best_rot.to(torch.float64))
+
+    # statistics: per significant (particle, column) the posterior-weighted phased image
+    col_w = gam.sum(1)  # (N, KJ)
+    pn, pc = torch.nonzero(keep, as_tuple=True)
+    dc_half = torch.where((f_m == 0).all(-1), 0.5, 1.0).to(x_f.real.dtype)
+    c_m, w_m = ctf_all[:, idx_m], inv_s2_all[:, idx_m]
+    q0 = c_m * w_m * x_full[:, idx_m] * dc_half  # (N, Fm)
+    c2 = c_m**2 * w_m * dc_half
+    ph_m = _phases(f_m, trans, box)  # (T, Fm)
+    half = batch.half
+    rots_nj = rots.reshape(n, n_j, 3, 3)
+    for h in range(2):
+        on = half[pn] == h
+        hn, hc = pn[on], pc[on]
+        for s in range(0, len(hn), COLUMN_BLOCK):
+            bn, bc = hn[s : s + COLUMN_BLOCK], hc[s : s + COLUMN_BLOCK]
+            g = gam[bn, :, bc][:, None, :]  # (L, 1, T)
+            q = q0[bn][:, None, :] * ph_m[None]  # (L, T, Fm)
+            z = torch.complex(torch.bmm(g, q.real), torch.bmm(g, q.imag)).squeeze(1)  # (L, Fm)
+            wgt = col_w[bn, bc][:, None] * c2[bn]
+            st = slices.stencil(rots_nj[bn, bc % n_j], f_m, box, model.pad)
+            raw[0][h] += slices.scatter_columns(z, bc // n_j, st, k).to(raw[0].dtype)
+            raw[1][h] += slices.scatter_columns(wgt, bc // n_j, st, k).to(raw[1].dtype)
+    for h in range(2):
+        sel = half == h
+        stats.class_weight[h] += col_w[sel].reshape(-1, k, n_j).sum((0, 2), dtype=torch.float64)
+    # residual power and noise
+    m = torch.complex(torch.bmm(gam, a.real), torch.bmm(gam, a.imag))  # (N, T, Ff)
+    cross_pix = (x_f[:, None, :] * ph_f[None] * torch.conj(m)).real.sum(1)
+    resid = (x_f.real**2 + x_f.imag**2) - 2 * ctf_f * cross_pix + ctf_f**2 * torch.bmm(col_w[:, None, :], a_pow).squeeze(1)
+    _add_noise_power(stats, batch.group, resid, x_mask, idx_f, idx_m, freqs_all, shells_all)
+    g_rows = gam.sum(2).to(torch.float64)  # (N, T)
+    stats.offset_sq += (g_rows * (pos.to(torch.float64) ** 2).sum(-1)).sum()
+    stats.offset_weight += g_rows.sum()
+    stats.log_likelihood += ll.to(torch.float64).sum()
+    stats.max_posterior += gmax.to(torch.float64).sum()
+    stats.n_particles += n
+    return ParticleResult(
+        class_index=b_c // n_j,
+        psi_deg=_wrap180(psi),
+        rot_deg=_wrap180(rot),
+        tilt_deg=tilt.to(torch.float32),
+        origin_px=pos[torch.arange(n, device=device), b_t].to(torch.float32),
+        max_posterior=gmax.to(torch.float32),
+        n_significant=n_sig,
+        log_likelihood=ll.to(torch.float32),
+    )
+
+
+def _add_noise_power(stats: SufficientStats, group: torch.Tensor, resid: torch.Tensor, x_mask: torch.Tensor,
+                     idx_f: torch.Tensor, idx_m: torch.Tensor, freqs_all: torch.Tensor, shells_all: torch.Tensor) -> None:
+    """Noise power per optics group and shell: the posterior-weighted residuals ``resid``
+    ``(N, Ff)`` inside the fine window plus the image power ``x_mask`` ``(N, Fall)`` beyond the
+    statistics window."""
+    device = resid.device
+    shells_f = shells_all[idx_f]
+    beyond = torch.ones(len(shells_all), dtype=torch.bool, device=device)
+    beyond[idx_m] = False
+    beyond &= ~((freqs_all[:, 0] == 0) & (freqs_all[:, 1] < 0))
+    beyond &= shells_all < n_shells_of(stats)
+    pow_beyond = x_mask[:, beyond].abs() ** 2
+    for g_ in torch.unique(group):
+        sel = group == g_
+        stats.noise_power[g_] += torch.zeros(n_shells_of(stats), dtype=torch.float64, device=device).index_add_(
+            0, shells_f, resid[sel].sum(0).to(torch.float64)).index_add_(
+            0, shells_all[beyond], pow_beyond[sel].sum(0).to(torch.float64))
+        stats.noise_weight[g_] += sel.sum()
 
 
 def _wrap180(angle_deg: torch.Tensor) -> torch.Tensor:
