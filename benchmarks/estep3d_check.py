@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from autospa.conventions import euler_to_matrix, matrix_to_euler
+from autospa.numerics import slices
 from autospa.numerics.ctf import ctf_2d
 from autospa.numerics.sampling import angular_sampling_deg
 from autospa.refinement import estep as es
@@ -63,8 +64,14 @@ def main() -> None:
     ps, isum, cnt = rinit.power_sums(imgs.float())
     sigma2 = rinit.initial_sigma2(ps, isum, cnt).float()
     origin = torch.tensor(np.stack([truth.rlnOriginXAngst, truth.rlnOriginYAngst], 1) / px).float()
-    scale = float(imgs.std() / vol.std()) / box  # rough greyscale: the E-step only needs the right order
-    ref_ft = mstep.reference_ft(vol[None] * scale * box, 2)
+    # the map on the particles' greyscale: least squares at the true poses
+    a = euler_to_matrix(*(torch.tensor(truth[c].values) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+    freqs, _ = es.rfft_frequencies(box)
+    sl = slices.rotate_gather(mstep.reference_ft(vol[None], 2), slices.stencil(a.float(), freqs, box, 2))[0]
+    sl = sl * ctf.reshape(n, -1)
+    x = es.centered_rfft2(imgs.float()).reshape(n, -1) * torch.exp(-2j * math.pi * (origin @ freqs.T) / box)
+    scale = float((sl.conj() * x).real.sum() / (sl.abs() ** 2).sum())
+    ref_ft = mstep.reference_ft(vol[None] * scale, 2)
     rows = []
     for case in args.cases.split(","):
         order = int(case[-1])

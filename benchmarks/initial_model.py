@@ -42,7 +42,8 @@ def run_one(symmetry: str, seed: int, args, work: Path) -> dict:
     res = run_initial_model(InitialModelOptions(str(ds.particles_star), str(work / f"{symmetry}_{seed}" / "im" / "run"),
                                                 n_classes=1, n_iter=args.iter, symmetry=symmetry,
                                                 particle_diameter_a=0.6 * args.box * args.px,
-                                                max_healpix_order=args.max_order, random_seed=seed))
+                                                max_healpix_order=args.max_order, random_seed=seed,
+                                                device=args.device))
     wall = time.perf_counter() - t
     truth, _ = read_volume(ds.maps[0])
     model, _ = read_volume(res["initial_model"])
@@ -64,6 +65,8 @@ def main() -> None:
     p.add_argument("--iter", type=int, default=24)
     p.add_argument("--max_order", type=int, default=1)
     p.add_argument("--groups", default="C1,D2")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--tag", default="", help="suffix of the results file name")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
@@ -84,8 +87,9 @@ def main() -> None:
         summary[sym] = {"success": ok, "runs": len(rs), "median_seconds": med_t, "median_resolution_fsc05_a": med_r}
         print(f"{sym:6s} {ok:>4d}/{len(rs):<3d} {med_t:9.0f} {med_r:13.1f}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "initial_model.json"
-    out.write_text(json.dumps({"machine": platform.platform(), "threads": torch.get_num_threads(), "args": vars(args),
+    out = RESULTS / f"initial_model{args.tag}.json"
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    out.write_text(json.dumps({"machine": platform.platform(), "device": device, "threads": torch.get_num_threads(), "args": vars(args),
                                "runs": rows, "summary": summary}, indent=1))
     print(f"wrote {out}")
 

@@ -47,7 +47,8 @@ def run_one(phantom: str, sym: str, seed: int, args, work: Path) -> dict:
     res = run_refine3d(Refine3DOptions(str(ds.particles_star), str(base / "r3d" / "run"), str(ref), symmetry=sym,
                                        particle_diameter_a=0.6 * args.box * args.px, ini_high=30.0,
                                        healpix_order=args.order, max_healpix_order=args.max_order,
-                                       auto_local_healpix_order=args.local_order, random_seed=seed))
+                                       auto_local_healpix_order=args.local_order, random_seed=seed,
+                                       device=args.device))
     wall = time.perf_counter() - t
     final, _ = read_volume(base / "r3d" / "run_class001.mrc")
     curve = fsc(final.double(), truth.double())
@@ -70,6 +71,8 @@ def main() -> None:
     p.add_argument("--max_order", type=int, default=4)
     p.add_argument("--local_order", type=int, default=3, help="local searches from this HEALPix order on")
     p.add_argument("--cases", default="C1/C1,D2/C1,D2/D2", help="phantom/symmetry pairs")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--tag", default="", help="suffix of the results file name")
     args = p.parse_args()
     rows = []
     cases = [tuple(c.split("/")) for c in args.cases.split(",")]
@@ -91,8 +94,9 @@ def main() -> None:
         summary[f"{phantom}/{sym}"] = {"success": ok, "runs": len(rs), "median_resolution_vs_truth_a": med, "median_seconds": med_t}
         print(f"{phantom + '/' + sym:12s} {ok:>4d}/{len(rs):<3d} {med:20.1f} {med_t:7.0f}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "refine3d.json"
-    out.write_text(json.dumps({"machine": platform.platform(), "threads": torch.get_num_threads(), "args": vars(args),
+    out = RESULTS / f"refine3d{args.tag}.json"
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    out.write_text(json.dumps({"machine": platform.platform(), "device": device, "threads": torch.get_num_threads(), "args": vars(args),
                                "runs": rows, "summary": summary}, indent=1))
     print(f"wrote {out}")
 
