@@ -320,6 +320,13 @@ def estimate_global_shifts(
 # ------------------------------------------------------------------------ local alignment ---
 
 
+#: A patch whose local correction exceeds max(MIN_LOCAL_CAP_PX, LOCAL_CAP_FRACTION x the largest
+#: global shift) has failed (it aligned noise); the polynomial model is fitted to the others, and
+#: needs at least half of the patches (and two).
+MIN_LOCAL_CAP_PX = 2.0
+LOCAL_CAP_FRACTION = 0.5
+
+
 def patch_centres(h: int, w: int, patch_x: int, patch_y: int) -> torch.Tensor:
     """Centres (x, y) in pixels of a ``patch_y`` x ``patch_x`` grid of equal patches; ``(patch_y, patch_x, 2)``."""
     px = w / patch_x
@@ -708,7 +715,17 @@ def motion_correct(
         centres, pshifts = estimate_patch_shifts(
             aligned, pixel_size_a, patch_x=patch_x, patch_y=patch_y, group_frames=group_frames
         )
-        coeffs = fit_polynomial_motion(centres, pshifts, w, h)
+        # patches with too little signal follow the noise (shifts of tens of pixels): a local
+        # correction larger than the cap is a failed patch, left out of the fit
+        cap = max(MIN_LOCAL_CAP_PX, LOCAL_CAP_FRACTION * float(shifts.norm(dim=-1).max()))
+        ok = pshifts.norm(dim=-1).amax(-1) <= cap  # (py, px)
+        if int(ok.sum()) >= max(2, ok.numel() // 2):
+            coeffs = fit_polynomial_motion(centres[ok], pshifts[ok], w, h)
+        else:
+            log.info("local motion: %d of %d patches within %.1f px of the global path: global alignment only",
+                     int(ok.sum()), ok.numel(), cap)
+        if not bool(ok.all()):
+            log.info("local motion: %d of %d patches left out (local shifts above %.1f px)", int((~ok).sum()), ok.numel(), cap)
     aligned = correct_frames(frames, shifts, coeffs)
     no_dw = None
     if dose_per_frame > 0:

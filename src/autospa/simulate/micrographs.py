@@ -46,6 +46,9 @@ _TAG_CTF = 502
 _TAG_ICE = 503
 _TAG_POSE = 504
 _TAG_CLASS = 505
+_TAG_SCATTER = 506
+#: Mean ice thickness (nm) at which the ice texture has the standard deviation ``ice_scatter``.
+ICE_SCATTER_REF_NM = 45.0
 
 
 def _rng(seed: int, tag: int) -> np.random.Generator:
@@ -157,6 +160,7 @@ def simulate_micrograph(
     contrast: float = 0.1,
     ice_thickness_nm: tuple[float, float] = (30.0, 60.0),
     mean_free_path_nm: float = 320.0,
+    ice_scatter: float = 0.25,
 ) -> Micrograph:
     """Simulate one noise-free micrograph (or movie canvas) with known particles.
 
@@ -190,6 +194,11 @@ def simulate_micrograph(
         Thickness at the two ends of the gradient.
     mean_free_path_nm
         Inelastic mean free path (about 320 nm at 300 kV with an energy filter).
+    ice_scatter
+        Standard deviation of the amorphous ice's phase texture relative to the particles'
+        projected peak, for ice of 45 nm (proportional to the mean thickness): it passes through
+        the CTF with the particles and gives the micrograph the Thon rings that CTF estimation
+        fits (0: particles only).
 
     Returns
     -------
@@ -245,6 +254,10 @@ def simulate_micrograph(
         df_u, df_v, df_ang, voltage_kv, cs_mm, amplitude_contrast, pixel_size_a, (hc, wc),
         bfactor_a2=bfactor_a2, device=device,
     )[0]  # fmt: skip
+    amp = ice_scatter * 0.5 * (ice_thickness_nm[0] + ice_thickness_nm[1]) / ICE_SCATTER_REF_NM
+    if amp > 0:  # amorphous ice: a random phase texture through the same CTF (Thon rings)
+        ice = _smooth(_rng(seed, _TAG_SCATTER), (hc, wc), scale_px=0.8 / pixel_size_a)  # half power at ~4 A
+        signal = signal + float(amp) * (level if level > 0 else 1.0) * ice.to(device=device, dtype=signal.dtype)
     phase = irfft2(rfft2(signal) * ctf, (hc, wc))
     rng_i = _rng(seed, _TAG_ICE)
     theta = rng_i.uniform(0, 2 * math.pi)
