@@ -373,3 +373,35 @@ def test_grid_sample_projection_equals_the_stencil(ndim):
     want = slices.rotate_gather(v, slices.stencil(rots, freqs, box, 2))
     got = slices.project(slices.channels(v), rots, freqs, box, 2)
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_refine3d_job_takes_relion_arguments_from_other_args(tmp_path):
+    from autospa.errors import InputError
+    from autospa.jobs.refine3d import extra_arguments
+
+    assert extra_arguments(tmp_path, '"--iter 6 --maxsig 200 --auto_local_healpix_order 4"') == {
+        "max_iter": 6, "maxsig": 200, "auto_local_healpix_order": 4}
+    assert extra_arguments(tmp_path, "") == {}
+    with pytest.raises(InputError, match="unsupported argument '--solvent_correct_fsc'"):
+        extra_arguments(tmp_path, "--solvent_correct_fsc")
+    with pytest.raises(InputError, match="--iter needs a number"):
+        extra_arguments(tmp_path, "--iter many")
+
+
+def test_reference_on_a_finer_grid_is_resampled_to_the_particles(tmp_path):
+    """--ref maps at a smaller pixel than the particles (the usual case after down-scaling) are
+    Fourier-cropped, then windowed: the density stays centred."""
+    from autospa.io.postprocess_files import write_volume
+    from autospa.jobs.refine3d import reference_on_particle_grid
+
+    vol = pseudo_atomic_phantom(40, 2.0, seed=1)
+    path = write_volume(tmp_path / "fine.mrc", vol, 2.0)
+    out = reference_on_particle_grid(str(path), 24, 2.0 * 40 / 26)
+    assert out.shape == (24, 24, 24) and torch.isfinite(out).all()
+    c = torch.arange(24, dtype=torch.float64) - 12
+    w = out.double().clamp_min(0)
+    com = [float((w * g).sum() / w.sum()) for g in torch.meshgrid(c, c, c, indexing="ij")]
+    c40 = torch.arange(40, dtype=torch.float64) - 20
+    w40 = vol.double().clamp_min(0)
+    com40 = [float((w40 * g).sum() / w40.sum()) * 26 / 40 for g in torch.meshgrid(c40, c40, c40, indexing="ij")]
+    assert max(abs(a - b) for a, b in zip(com, com40)) < 0.5, (com, com40)

@@ -38,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max_healpix_order", type=int, default=4, help="finest coarse order of the auto-sampling (default 4)")
     p.add_argument("--auto_local_healpix_order", type=int, default=3,
                    help="local searches from this order on (RELION's option; default 3, RELION's 4)")
+    p.add_argument("--maxsig", type=int, default=500, help="at most this many significant coarse hypotheses per particle "
+                   "in global searches (default 500; 0: no cap)")
     p.add_argument("--offset_range", type=float, default=5.0, help="translation search range in pixels (default 5)")
     p.add_argument("--offset_step", type=float, default=2.0, help="coarse translation step in pixels (default 2; fine 1)")
     p.add_argument("--iter", dest="max_iter", type=int, default=25, help="iteration limit (default 25)")
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         input=str(args.input) if args.input else "", output=args.output, reference=str(args.ref) if args.ref else "",
         symmetry=args.sym, particle_diameter_a=args.particle_diameter, ini_high=args.ini_high,
         healpix_order=args.healpix_order, max_healpix_order=max(args.healpix_order, args.max_healpix_order),
-        auto_local_healpix_order=args.auto_local_healpix_order,
+        auto_local_healpix_order=args.auto_local_healpix_order, maxsig=args.maxsig,
         offset_range_px=args.offset_range, offset_step_px=args.offset_step, max_iter=args.max_iter,
         tau2_fudge=args.tau2_fudge, ctf=args.ctf, zero_mask=args.zero_mask, pad=args.pad, random_seed=args.random_seed,
         device=device, torch_threads=args.torch_threads,

@@ -26,6 +26,7 @@ and is handed to torch through DLPack without a copy.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -260,6 +261,11 @@ def plan_tasks(chunk_bounds: Sequence[tuple[int, int]], indices: np.ndarray, max
     return tasks
 
 
+#: Smallest task the E-step is split into to keep every worker busy (fewer particles per task
+#: cost more in overhead than they gain).
+MIN_TASK_PARTICLES = 64
+
+
 def run_estep(
     client,
     store_path: str,
@@ -295,6 +301,14 @@ def run_estep(
         The reduced statistics, and per-particle results (dict of arrays with ``index``) sorted
         by store index.
     """
+    if client is not None and max_per_task == 0:
+        # every worker thread gets work, also when the particles fill one chunk or a few
+        try:
+            slots = sum(int(w.get("nthreads", 1)) for w in client.scheduler_info()["workers"].values())
+        except Exception:  # noqa: BLE001 - a scheduler that cannot say: one task per chunk
+            slots = 1
+        if slots > 1:
+            max_per_task = max(MIN_TASK_PARTICLES, math.ceil(len(indices) / slots))
     tasks = plan_tasks(chunk_bounds, indices, max_per_task)
 
     def args_of(start: int, local: np.ndarray):

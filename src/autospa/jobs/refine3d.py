@@ -44,7 +44,7 @@ from autospa.jobs.refine_common import (
 from autospa.jobs.registry import check_abort, option_bool, option_float, register_job, resolve_path, succeed
 from autospa.conventions import euler_to_matrix
 from autospa.numerics import slices
-from autospa.numerics.fourier import fourier_pad
+from autospa.numerics.fourier import fourier_rescale
 from autospa.numerics.masks import raised_cosine, soft_spherical_mask
 from autospa.numerics.sampling import angular_sampling_deg
 from autospa.numerics.symmetry import point_group_order
@@ -90,6 +90,10 @@ class Refine3DOptions:
         Iteration limit if the run does not converge before.
     ctf
         CTF correction (on when the particles have defocus values).
+    maxsig
+        RELION's --maxsig: at most this many significant coarse hypotheses per particle in global
+        searches (0: no cap). The first iterations against a low-pass reference leave
+        thousands significant, and the fine pass over all of them takes minutes per iteration.
     auto_bfactor
         Post-processing estimates the B-factor from the Guinier plot.
     """
@@ -112,6 +116,7 @@ class Refine3DOptions:
     pad: int = 2
     random_seed: int = 1
     adaptive_fraction: float = 0.999
+    maxsig: int = 500
     auto_bfactor: bool = True
     device: str = "cpu"
     torch_threads: int = 0
@@ -147,7 +152,7 @@ def reference_on_particle_grid(path: str, box: int, pixel_size_a: float) -> torc
     n = vol.shape[-1]
     if abs(px - pixel_size_a) > 1e-3 * pixel_size_a:
         size = int(round(n * px / pixel_size_a / 2)) * 2
-        vol = fourier_pad(vol.float(), size, ndim=3) * (size / n) ** 3
+        vol = fourier_rescale(vol.float(), size, ndim=3) * (size / n) ** 3
         n = size
     if n != box:  # window in real space around the centre
         out = torch.zeros(box, box, box, dtype=vol.dtype)
@@ -346,6 +351,7 @@ def run_refine3d(
         sampling = Sampling(offset_range_px=min(auto.offset_range_px, 2 * auto.offset_step_px) if local else auto.offset_range_px,
                             offset_step_px=auto.offset_step_px, perturb=float(rng.uniform(-0.5, 0.5)),
                             adaptive_fraction=opts.adaptive_fraction, healpix_order=auto.healpix_order,
+                            max_significants=0 if local else opts.maxsig,
                             symmetry=opts.symmetry,
                             local_sigma_deg=2 * angular_sampling_deg(auto.healpix_order + 1) if local else 0.0)
         angles = np.stack([pp["rot_deg"], pp["tilt_deg"], pp["psi_deg"]], 1) if local else None
@@ -431,7 +437,37 @@ def options_from_job(job_dir: Path, options: dict[str, str]) -> Refine3DOptions:
         offset_step_px=2.0 * option_float(options, "offset_step", 1.0),
         ctf=option_bool(options, "do_ctf_correction", True),
         zero_mask=option_bool(options, "do_zero_mask", True),
+        **extra_arguments(job_dir, options.get("other_args", "")),
     )
+
+
+#: relion_refine options accepted in a job's "Additional arguments" (other_args), and the
+#: Refine3DOptions field each sets.
+OTHER_ARGS = {"--iter": ("max_iter", int), "--maxsig": ("maxsig", int), "--healpix_order": ("healpix_order", int),
+              "--max_healpix_order": ("max_healpix_order", int),
+              "--auto_local_healpix_order": ("auto_local_healpix_order", int), "--tau2_fudge": ("tau2_fudge", float)}
+
+
+def extra_arguments(job_dir: Path, other_args: str) -> dict:
+    """Refine3DOptions fields from a job's other_args (``--iter 10 --maxsig 200``); an argument
+    this implementation does not take is an error naming it."""
+    import shlex
+
+    words = shlex.split(other_args.strip().strip('"'))
+    out = {}
+    i = 0
+    while i < len(words):
+        key = words[i]
+        if key not in OTHER_ARGS or i + 1 >= len(words):
+            raise InputError(Path(job_dir) / "job.star", f"other_args: unsupported argument {key!r} "
+                             f"(accepted: {', '.join(sorted(OTHER_ARGS))}, each with a value)")
+        field_name, kind = OTHER_ARGS[key]
+        try:
+            out[field_name] = kind(words[i + 1])
+        except ValueError:
+            raise InputError(Path(job_dir) / "job.star", f"other_args: {key} needs a number, got {words[i + 1]!r}") from None
+        i += 2
+    return out
 
 
 @register_job("relion.refine3d")

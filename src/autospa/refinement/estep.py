@@ -455,6 +455,7 @@ class _Prepared:
     idx_m: torch.Tensor
     f_m: torch.Tensor  # (Fm, 2)
     step: float
+    channels: torch.Tensor | None = None  # (1, 2K, PD, ...) real view of the references (slices.channels)
 
 
 #: Largest table of all fine slices (complex values) kept for a whole E-step; bigger grids
@@ -474,7 +475,8 @@ def _prepare(model: EStepModel, sampling: Sampling, box: int, device) -> _Prepar
     trans_c = translation_grid(sampling.offset_range_px, sampling.offset_step_px, dtype=torch.float32, device=device)
     idx_c = window_indices(box, model.coarse_size, device)
     f_c = freqs_all[idx_c]
-    a_c = slices.rotate_gather(model.ref_ft, slices.stencil(rotation_matrices(coarse, ndim), f_c, box, pad)).reshape(k * r_c, -1)
+    channels = slices.channels(model.ref_ft)
+    a_c = slices.project(channels, rotation_matrices(coarse, ndim), f_c, box, pad).reshape(k * r_c, -1)
     fine_angles = fine.reshape(-1, 3)
     fine_mats = rotation_matrices(fine_angles, ndim)
     idx_f = window_indices(box, model.current_size, device)
@@ -484,7 +486,8 @@ def _prepare(model: EStepModel, sampling: Sampling, box: int, device) -> _Prepar
     child_t = torch.tensor([[-q, -q], [q, -q], [-q, q], [q, q]], device=device, dtype=trans_c.dtype)
     trans_f = (trans_c[:, None, :] + child_t[None]).reshape(-1, 2)
     prep = _Prepared(r_c, n_ch, trans_c, idx_c, a_c, _phases(f_c, trans_c, box), fine_angles, fine_mats, idx_f, f_f, None,
-                     trans_f, _phases(f_f, trans_f, box), _phases(freqs_all[idx_m], trans_f, box), idx_m, freqs_all[idx_m], step)
+                     trans_f, _phases(f_f, trans_f, box), _phases(freqs_all[idx_m], trans_f, box), idx_m, freqs_all[idx_m], step,
+                     channels)
     if k * r_c * n_ch * len(idx_f) <= FINE_TABLE_MAX:
         prep.fine_table = _fine_columns(model, prep, torch.arange(k * r_c * n_ch, device=device), box)
     return prep
@@ -499,12 +502,15 @@ def _fine_columns(model: EStepModel, prep: _Prepared, cols: torch.Tensor, box: i
     if prep.fine_table is not None:
         return prep.fine_table[cols]
     rc = prep.fine_mats.shape[0]
-    out = []
-    for s in range(0, len(cols), COLUMN_BLOCK):
-        c = cols[s : s + COLUMN_BLOCK]
-        st = slices.stencil(prep.fine_mats[c % rc], prep.f_f, box, model.pad)
-        out.append(slices.gather_columns(model.ref_ft, c // rc, st))
-    return torch.cat(out) if out else model.ref_ft.new_zeros((0, len(prep.idx_f)))
+    out = model.ref_ft.new_zeros((len(cols), len(prep.idx_f)))
+    cls = cols // rc
+    for k in torch.unique(cls).tolist():  # grid_sample per class (no stencil to build)
+        sel = torch.nonzero(cls == k).squeeze(1)
+        ch = prep.channels[:, 2 * k : 2 * k + 2]
+        for s in range(0, len(sel), 4 * COLUMN_BLOCK):
+            j = sel[s : s + 4 * COLUMN_BLOCK]
+            out[j] = slices.project(ch, prep.fine_mats[cols[j] % rc], prep.f_f, box, model.pad)[0]
+    return out
 
 
 def _backproject_columns(values: list[torch.Tensor], cols: torch.Tensor, model: EStepModel, prep: _Prepared,
