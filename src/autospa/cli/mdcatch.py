@@ -43,7 +43,7 @@ from autospa.io.session_files import open_log, read_pipeline_config, write_pipel
 from autospa.mdcatch.detectors import load_config
 from autospa.mdcatch.gain import check_gain_size, find_gain_orientation, read_image, read_image_shape
 from autospa.mdcatch.metadata import AcquisitionMetadata
-from autospa.mdcatch.session import SessionWatcher, WatchSettings, ingest_file
+from autospa.mdcatch.session import SessionWatcher, WatchSettings, ingest_file, it_settings
 from autospa.orchestration.it import config_from_mapping, prepare_it
 
 IT_CONFIG = "it_config.yaml"
@@ -162,18 +162,6 @@ def launch_command(project_dir: Path, config_path: Path, launch_command: str | N
         if not head:
             raise InputError(None, "--launch-command is empty")
     return [*head, "--config", str(config_path)]
-
-
-def it_settings(watcher: SessionWatcher, extra: dict[str, Any] | None = None,
-                movies_glob: str | None = None) -> dict[str, Any]:
-    """The session's ``it`` settings with ``extra`` winning (its ``options`` merged key by key)."""
-    settings = watcher.it_configuration(movies_glob)
-    for k, v in (extra or {}).items():
-        if k == "options" and isinstance(v, dict):
-            settings["options"] = {**settings.get("options", {}), **v}
-        else:
-            settings[k] = v
-    return settings
 
 
 def launch_pipeline(

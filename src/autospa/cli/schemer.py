@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from autospa.cli.common import add_cluster_arguments, client_from_args
 from autospa.errors import InputError
 from autospa.io.scheme_files import read_scheme
+from autospa.orchestration.it import prefect_environment
 from autospa.orchestration.runner import RunResult, RunSettings, locate_scheme, run_scheme
 from autospa.orchestration.scheme_commands import (
     SchemeStatus,
@@ -62,14 +63,6 @@ ACTIONS = (
     "set_job_option",
     "status",
 )
-
-#: Prefect settings applied when the user has not set them (DESIGN.md section 6): a fresh
-#: ephemeral server needs more than Prefect's default 20 s to start on a small machine.
-PREFECT_DEFAULTS = {
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-}
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``autospa schemer``."""
@@ -156,14 +149,6 @@ def dask_client(args: argparse.Namespace) -> Iterator[object]:
         return
     with client_from_args(args) as client:
         yield client
-
-
-@contextlib.contextmanager
-def prefect_environment() -> Iterator[None]:
-    """Apply :data:`PREFECT_DEFAULTS` where the user has not set them."""
-    for k, v in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(k, v)
-    yield
 
 
 def run_one(scheme: str, project: str | None, settings: RunSettings, engine: str) -> RunResult:

@@ -189,9 +189,9 @@ def run_pipeline_demo(outdir: str | Path, settings: PipelineDemoSettings | None 
     from autospa.io.atomic import write_text
     from autospa.io.postprocess_files import read_postprocess_star, read_volume, write_volume
     from autospa.mdcatch.detectors import load_config
-    from autospa.mdcatch.session import SessionWatcher, WatchSettings
+    from autospa.mdcatch.session import SessionWatcher, WatchSettings, it_settings
     from autospa.numerics.fsc import fsc
-    from autospa.orchestration.it import config_from_mapping, launch_it, prepare_it
+    from autospa.orchestration.it import config_from_mapping, launch_it, prefect_environment, prepare_it
     from autospa.refinement.autorefine import resolution_shell_of
     from autospa.refinement.map_align import align_maps
     from autospa.simulate.phantoms import pseudo_atomic_phantom
@@ -229,8 +229,6 @@ def run_pipeline_demo(outdir: str | Path, settings: PipelineDemoSettings | None 
              "options": {"proc__inimodel3d__nr_iter": str(s.inimodel_iter), "proc__inimodel3d__nr_classes": "1"}}
     if s.refine3d_iter > 0:  # an iteration limit (0: until the refinement converges)
         extra["options"]["proc__refine3d__other_args"] = f"--iter {s.refine3d_iter}"
-    from autospa.cli.mdcatch import it_settings
-
     cfg = config_from_mapping(it_settings(watcher, extra, watcher.pipeline_movies_glob(project)), "demo settings")
     times["mdcatch"] = time.perf_counter() - t
     say(f"MDCatch: {n_ingested} movies ingested; box {watcher.derived.box_size_px if watcher.derived else '?'} px")
@@ -246,8 +244,6 @@ def run_pipeline_demo(outdir: str | Path, settings: PipelineDemoSettings | None 
             if engine == "plain":
                 results = launch_it(project, prepare_it(project, c))
             else:
-                from autospa.cli.schemer import prefect_environment
-
                 with prefect_environment():
                     from autospa.orchestration.prefect_flows import run_it_flow
 

@@ -837,6 +837,18 @@ class SessionWatcher:
         return self.state.get("launched")
 
 
+def it_settings(watcher: SessionWatcher, extra: dict[str, Any] | None = None,
+                movies_glob: str | None = None) -> dict[str, Any]:
+    """The session's ``it`` settings with ``extra`` winning (its ``options`` merged key by key)."""
+    settings = watcher.it_configuration(movies_glob)
+    for k, v in (extra or {}).items():
+        if k == "options" and isinstance(v, dict):
+            settings["options"] = {**settings.get("options", {}), **v}
+        else:
+            settings[k] = v
+    return settings
+
+
 def describe(meta: AcquisitionMetadata) -> str:
     """One line about a movie's acquisition (for logs and the CLI)."""
     def f(v: Any, fmt: str) -> str:
@@ -850,6 +862,7 @@ __all__ = [
     "EPU",
     "FileReport",
     "ingest_file",
+    "it_settings",
     "SERIALEM",
     "MoviePair",
     "PollReport",

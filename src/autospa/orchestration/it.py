@@ -27,12 +27,13 @@ iterations and the optimiser file the class ranker reads are set together
 from __future__ import annotations
 
 import ast
+import contextlib
 import contextvars
 import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,22 @@ log = logging.getLogger(__name__)
 
 #: RELION's down-scaled box sizes (relion_it ``calculate_downscaled_box_size``).
 DOWNSCALED_BOXES = (48, 64, 96, 128, 160, 192, 256, 288, 300, 320, 360, 384, 400, 420, 450, 480, 512, 640, 768, 896, 1024)
+
+#: Prefect settings applied when the user has not set them (DESIGN.md section 6): a fresh
+#: ephemeral server needs more than Prefect's default 20 s to start on a small machine.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+@contextlib.contextmanager
+def prefect_environment() -> Iterator[None]:
+    """Apply :data:`PREFECT_DEFAULTS` where the user has not set them (before Prefect is imported)."""
+    for k, v in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    yield
+
 
 #: The schemes ``autospa it`` runs, in launch order.
 IT_SCHEMES = ("prep", "proc")
