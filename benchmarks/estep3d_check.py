@@ -23,6 +23,7 @@ from autospa.numerics import slices
 from autospa.numerics.ctf import ctf_2d
 from autospa.numerics.sampling import angular_sampling_deg
 from autospa.refinement import estep as es
+from autospa.refinement.autorefine import angle_change_deg
 from autospa.refinement import init as rinit
 from autospa.refinement import mstep
 from autospa.simulate.particles import simulate_particles
@@ -30,9 +31,8 @@ from autospa.simulate.phantoms import pseudo_atomic_phantom
 
 
 def pose_error_deg(truth, res) -> torch.Tensor:
-    a = euler_to_matrix(*(torch.tensor(truth[c].values) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
-    b = euler_to_matrix(res.rot_deg.double().cpu(), res.tilt_deg.double().cpu(), res.psi_deg.double().cpu())
-    return torch.rad2deg(torch.acos(((torch.einsum("nij,nij->n", a, b) - 1) / 2).clamp(-1, 1)))
+    return angle_change_deg(*(torch.tensor(truth[c].values) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")),
+                            res.rot_deg.cpu(), res.tilt_deg.cpu(), res.psi_deg.cpu())
 
 
 def turned(truth, deg: float, seed: int) -> torch.Tensor:

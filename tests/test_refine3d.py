@@ -291,9 +291,7 @@ def _rotated_from_truth(truth, deg: float, seed: int) -> torch.Tensor:
 
 
 def _pose_error_deg(truth, res) -> torch.Tensor:
-    a = euler_to_matrix(*_angles(truth))
-    b = euler_to_matrix(res.rot_deg.double(), res.tilt_deg.double(), res.psi_deg.double())
-    return torch.rad2deg(torch.acos(((torch.einsum("nij,nij->n", a, b) - 1) / 2).clamp(-1, 1)))
+    return ar.angle_change_deg(*_angles(truth), res.rot_deg, res.tilt_deg, res.psi_deg)
 
 
 def test_local_rotations_cover_a_ball_around_the_identity():
