@@ -1,9 +1,13 @@
 """``autospa demo``: the main job on simulated data, end to end with embedded defaults.
 
 Movies to map (default): simulates an EPU session of an asymmetric phantom, ingests it with
-MDCatch, runs the prep and proc schemes as Prefect flows (ephemeral mode: no server to start) on a
-local dask cluster, and ends with the refined map, its gold-standard resolution (postprocess.star,
-rlnFinalResolution) and its resolution against the simulator's truth; then writes the HTML report.
+MDCatch, runs the prep and proc schemes as Prefect flows on a local dask cluster, and ends with the
+refined map, its gold-standard resolution (postprocess.star, rlnFinalResolution) and its resolution
+against the simulator's truth; then writes the HTML report.
+
+While it runs, the dask dashboard and the Prefect dashboard are printed: a local Prefect server
+(API and UI, PREFECT_HOME in OUT/.prefect) runs for the length of the demo, unless PREFECT_API_URL
+names one already; ``--no_prefect_server`` keeps Prefect's ephemeral mode (no dashboard).
 
 ``--particles`` runs the earlier, shorter demo: 2D classification (VDAM) of simulated particles,
 scored against the truth.
@@ -12,6 +16,7 @@ scored against the truth.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -27,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--movies", type=int, default=24, help="movies to simulate (default 24)")
     p.add_argument("--particles_per_micrograph", type=int, default=25, help="particles per movie (default 25)")
     p.add_argument("--engine", choices=("prefect", "plain"), default="prefect", help="run the schemes as Prefect flows (default)")
+    p.add_argument("--no_prefect_server", action="store_true",
+                   help="no local Prefect server and dashboard: Prefect's ephemeral mode (engine prefect)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     p.add_argument("--particles", action="store_true", help="the 2D demo instead: simulated particles, VDAM classes")
     p.add_argument("--n", type=int, default=2000, help="--particles: particles to simulate (default 2000)")
@@ -53,11 +60,9 @@ def run(args: argparse.Namespace) -> int:
     from autospa.report.session_report import session_report
 
     settings = PipelineDemoSettings(n_movies=args.movies, particles_per_micrograph=args.particles_per_micrograph, seed=args.seed)
-    with client_from_args(args):
+    with client_from_args(args), contextlib.ExitStack() as stack:
         if args.engine == "prefect":
-            api = os.environ.get("PREFECT_API_URL")
-            print(f"prefect: {'server ' + api if api else 'ephemeral mode (flow runs recorded under PREFECT_HOME; '}"
-                  f"{'' if api else 'see them with `prefect server start`, dashboard http://127.0.0.1:4200)'}", file=sys.stderr)
+            _start_prefect_dashboard(stack, out, args.no_prefect_server)
         res = run_pipeline_demo(out, settings, engine=args.engine, announce=lambda m: print(m, flush=True))
     print(f"project:   {res.project}")
     for name, st in res.scheme_status.items():
@@ -74,6 +79,22 @@ def run(args: argparse.Namespace) -> int:
           f"against the simulator's truth {res.resolution_vs_truth_a:.2f} A (FSC 0.143)")
     print(f"report:    {paths['index']}")
     return 0
+
+
+def _start_prefect_dashboard(stack: contextlib.ExitStack, out: Path, ephemeral: bool) -> None:
+    """Start the local Prefect server on ``stack`` (unless ``ephemeral``) and print the dashboard address."""
+    from autospa.orchestration.prefect_server import dashboard_url, prefect_server
+
+    api = os.environ.get("PREFECT_API_URL")
+    if ephemeral and not api:
+        print("prefect: ephemeral mode (no dashboard; flow runs recorded under PREFECT_HOME)", file=sys.stderr, flush=True)
+        return
+    url = dashboard_url(api) if ephemeral else stack.enter_context(prefect_server(out / ".prefect"))
+    if url:
+        print(f"prefect dashboard: {url}", file=sys.stderr, flush=True)
+    else:
+        print(f"prefect: ephemeral mode (the local Prefect server did not start: see {out / '.prefect' / 'server.log'})",
+              file=sys.stderr, flush=True)
 
 
 def _run_particles(args: argparse.Namespace, out: Path) -> int:
