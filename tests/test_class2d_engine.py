@@ -128,10 +128,12 @@ def test_shared_gemm_block_and_sparse_fine_passes_agree(sim, monkeypatch):
     _, model = _true_model(sim, mask, current_size=32)
     batch = _batch(sim)
     out = []
-    # one shared GEMM always; per-particle blocks always; hypothesis by hypothesis always
-    for frac, waste in ((0.0, 1e9), (2.0, 1e9), (2.0, 0.0)):
+    # one shared GEMM always; per-particle blocks always (in one padded bucket, and in buckets of
+    # equal-sized blocks); hypothesis by hypothesis always
+    for frac, waste, padding in ((0.0, 1e9, 1.5), (2.0, 1e9, 1e9), (2.0, 1e9, 1.0), (2.0, 0.0, 1.5)):
         monkeypatch.setattr(es, "DENSE_FINE_COLUMNS", frac)
         monkeypatch.setattr(es, "SPARSE_FINE_WASTE", waste)
+        monkeypatch.setattr(es, "BLOCK_PADDING", padding)
         out.append(es.expectation(batch, model, es.Sampling(max_significants=15, **FAST), mask))
     s0, r0 = out[0]
     for s1, r1 in out[1:]:
@@ -240,3 +242,20 @@ def test_worker_killed_mid_iteration_gives_the_same_result(sim, tmp_path):
     assert np.array_equal(res["class_index"], ref_res["class_index"])
     assert float((st.data - ref_stats.data).abs().max()) <= 1e-4 * float(ref_stats.data.abs().max())
     assert float(st.n_particles) == n
+
+
+def test_block_buckets_cover_every_particle_once_and_bound_the_padding():
+    gen = torch.Generator().manual_seed(3)
+    r = torch.randint(1, 60, (500,), generator=gen)
+    c = torch.randint(1, 40, (500,), generator=gen)
+    buckets = es._block_buckets(r, c, budget=10**9)
+    allp = torch.cat(buckets)
+    assert torch.equal(torch.sort(allp).values, torch.arange(500))
+    assert len(buckets) > 1
+    for b in buckets:
+        own = int((r[b] * c[b]).sum())
+        padded = int(r[b].max() * c[b].max()) * len(b)
+        assert padded <= es.BLOCK_PADDING * own + 256 * len(b) or len(b) == 1
+    # a budget smaller than one block still gives every particle its own bucket
+    tiny = es._block_buckets(r, c, budget=1)
+    assert len(tiny) == 500

@@ -16,6 +16,7 @@ from distributed import Client, LocalCluster
 
 from autospa.cli.common import add_cluster_arguments, client_from_args, cluster_kwargs
 from autospa.distributed.cluster import cuda_device_count, get_client, make_slurm_cluster, parse_gpus
+from autospa.distributed.malloc import MALLOC_ENVIRONMENT, tune_malloc
 from autospa.errors import DeviceError, InputError
 
 
@@ -45,7 +46,17 @@ def test_default_local_cluster_uses_worker_processes() -> None:
         (info,) = client.scheduler_info()["workers"].values()
         assert info["memory_limit"] == 512 * 2**20
         assert client.submit(os.getpid).result() != os.getpid()
+        # worker processes keep freed E-step blocks (dask's default trims at 64 kB)
+        env = client.run(lambda: {k: os.environ.get(k) for k in MALLOC_ENVIRONMENT})
+        assert list(env.values()) == [MALLOC_ENVIRONMENT]
         _uneven_sum(client)
+
+
+def test_tune_malloc_applies_on_glibc() -> None:
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert tune_malloc() is True
 
 
 def test_attach_to_a_running_scheduler_leaves_it_running() -> None:

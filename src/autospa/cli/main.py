@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from autospa.distributed.malloc import tune_malloc
+
+    tune_malloc()  # the E-step's large temporaries are reused, not page-faulted afresh
     try:
         rc = args.func(args)
     except AutospaError as exc:

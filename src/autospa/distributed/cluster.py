@@ -13,13 +13,24 @@ import logging
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 
+import dask
 from distributed import Client, LocalCluster
 
+from autospa.distributed.malloc import MALLOC_ENVIRONMENT
 from autospa.errors import DeviceError, InputError
 
 log = logging.getLogger(__name__)
 
 CLUSTER_KINDS = ("local", "slurm")
+
+def worker_environment() -> dict[str, str]:
+    """Environment of spawned worker processes: dask's ``pre-spawn-environ`` with
+    :data:`MALLOC_ENVIRONMENT` over it (a user's dask configuration of these names wins)."""
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    user = {k: v for k, v in env.items() if k in MALLOC_ENVIRONMENT and str(v) != "65536"}
+    env.update(MALLOC_ENVIRONMENT)
+    env.update(user)
+    return env
 
 
 def parse_gpus(gpus: int | str | Sequence[int] | None) -> list[int] | None:
@@ -246,16 +257,17 @@ def _start_cluster(kind: str, **kw) -> Iterator:
         finally:
             clu.close()
         return
-    if gpu_ids is not None:
-        clu = _local_cuda_cluster(gpu_ids, kw)
-    else:
-        clu = LocalCluster(
-            n_workers=kw["n_workers"],
-            threads_per_worker=kw["threads_per_worker"],
-            processes=kw["processes"],
-            memory_limit=kw["memory_limit"],
-            dashboard_address=kw["dashboard_address"],
-        )
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment()}):
+        if gpu_ids is not None:
+            clu = _local_cuda_cluster(gpu_ids, kw)
+        else:
+            clu = LocalCluster(
+                n_workers=kw["n_workers"],
+                threads_per_worker=kw["threads_per_worker"],
+                processes=kw["processes"],
+                memory_limit=kw["memory_limit"],
+                dashboard_address=kw["dashboard_address"],
+            )
     try:
         yield clu
     finally:

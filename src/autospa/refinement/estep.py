@@ -597,14 +597,43 @@ def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, co
     return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, gam.sum(1, dtype=torch.float64)
 
 
+#: Padded entries a bucket of per-particle blocks may hold, relative to its particles' own blocks
+#: (particles are sorted by block size and grouped so that padding stays below this).
+BLOCK_PADDING = 1.5
+
+
+def _block_buckets(r_cnt: torch.Tensor, c_cnt: torch.Tensor, budget: int) -> list[torch.Tensor]:
+    """Group particles into buckets whose blocks, padded to the bucket's largest rows and columns,
+    hold at most :data:`BLOCK_PADDING` times their own entries (plus a little slack, so that
+    buckets do not become tiny) and at most ``budget`` entries; particles sorted by block size."""
+    r_t, c_t = r_cnt.cpu().long(), c_cnt.cpu().long().clamp_min(1)
+    order_t = torch.argsort((r_t * c_t) * (int(c_t.max()) + 1) + c_t, stable=True)
+    order, r, c = order_t.tolist(), r_t.tolist(), c_t.tolist()
+    buckets, start = [], 0
+    while start < len(order):
+        stop, r_max, c_max, own = start, 0, 0, 0
+        while stop < len(order):
+            i = order[stop]
+            r_new, c_new = max(r_max, r[i]), max(c_max, c[i])
+            own_new = own + r[i] * c[i]
+            padded = r_new * c_new * (stop - start + 1)
+            if stop > start and (padded > BLOCK_PADDING * own_new + 256 * (stop - start + 1) or padded > budget):
+                break
+            r_max, c_max, own, stop = r_new, c_new, own_new, stop + 1
+        buckets.append(order_t[start:stop].to(r_cnt.device))
+        start = stop
+    return buckets
+
+
 def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half, bsum, prep, a_cols):
     """Fine pass as per-particle blocks: batched GEMMs over each particle's live rows and columns.
 
     A particle's rows are its fine translations (children of coarse translations holding a
     significant hypothesis); its columns are the (class, fine psi) children of its significant
     (class, psi) pairs. Scores, posterior-weighted data sums and posterior-mean references are
-    batched matrix products over ``(N, rows, columns)`` blocks padded to the largest particle of
-    the chunk, so the work follows the posterior's support, not the whole grid.
+    batched matrix products over ``(N_b, rows, columns)`` blocks; particles are sorted by block size
+    and batched in buckets padded to their own largest block (:func:`_block_buckets`), so the work
+    follows the posterior's support, not the largest particle of the chunk.
 
     Returns
     -------
@@ -620,59 +649,66 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
     # rows of each particle (row_p is sorted by particle)
     r_cnt = torch.bincount(row_p, minlength=n)
     r_start = torch.cumsum(r_cnt, 0) - r_cnt
-    u_max = int(r_cnt.max()) if n_rows else 1
-    r_local = torch.arange(n_rows, device=device) - r_start[row_p]
-    rows = torch.full((n, u_max), -1, device=device, dtype=torch.long)
-    rows[row_p, r_local] = torch.arange(n_rows, device=device)
     # live columns of each particle
     live = torch.zeros(n, n_cols, dtype=torch.int32, device=device).index_add_(0, row_p, colmask.to(torch.int32)) > 0
-    c_p, c_c = torch.nonzero(live, as_tuple=True)
     c_cnt = live.sum(1)
-    c_start = torch.cumsum(c_cnt, 0) - c_cnt
-    c_max = max(1, int(c_cnt.max()))
-    cols = torch.zeros(n, c_max, device=device, dtype=torch.long)
-    col_ok = torch.zeros(n, c_max, device=device, dtype=torch.bool)
-    c_local = torch.arange(len(c_p), device=device) - c_start[c_p]
-    cols[c_p, c_local] = c_c
-    col_ok[c_p, c_local] = True
-    row_ok = rows >= 0
-    rows_c = rows.clamp_min(0)
-    emask = colmask[rows_c[:, :, None], cols[:, None, :]] & row_ok[:, :, None] & col_ok[:, None, :]  # (N, u, c)
-
-    ph = prep.ph_f[row_tf[rows_c]]  # (N, u, Ff)
-    p_blk = pw_f[:, None, :] * ph
-    a_blk = a_cols[cols]  # (N, c, Ff)
-    logw = torch.bmm(torch.cat([p_blk.real, p_blk.imag], -1), torch.cat([a_blk.real, a_blk.imag], -1).transpose(1, 2))
-    del p_blk
-    ar = torch.arange(n, device=device)[:, None]
-    logw -= 0.5 * (xnorm_f[:, None, None] + norm_f[ar, cols][:, None, :])
-    logw += row_logoff[rows_c][:, :, None] + col_prior[cols][:, None, :]
-    logw.masked_fill_(~emask, -torch.inf)
-    flat = logw.reshape(n, -1)
-    mx, arg = flat.max(1)
-    gam = torch.exp(logw - mx[:, None, None])  # (N, u, c); dead entries 0
-    del logw, flat
-    s_i = gam.sum((1, 2), dtype=torch.float64)
-    gam /= s_i[:, None, None].to(gam.dtype)
-    best_row = rows_c[torch.arange(n, device=device), arg // c_max]
-    best_col = cols[torch.arange(n, device=device), arg % c_max]
-    gmax = gam.reshape(n, -1)[torch.arange(n, device=device), arg]
-    # posterior per particle and column, per row
-    g_part = torch.zeros(n, n_cols, device=device, dtype=gam.dtype)
-    g_part.scatter_add_(1, cols, gam.sum(1))
+    mx = torch.empty(n, device=device, dtype=rdt)
+    s_i = torch.empty(n, device=device, dtype=torch.float64)
+    best_row = torch.empty(n, device=device, dtype=torch.long)
+    best_col = torch.empty(n, device=device, dtype=torch.long)
+    gmax = torch.empty(n, device=device, dtype=rdt)
+    g_part = torch.zeros(n, n_cols, device=device, dtype=rdt)
     g_rows = torch.zeros(n_rows, device=device, dtype=torch.float64)
-    g_rows[rows_c[row_ok]] = gam.sum(2, dtype=torch.float64)[row_ok]
-    # data sums: Z[i, c] = sum_u G[i, u, c] Q[i, u]  then scattered to the columns' rows of bsum
-    qr = q0[:, None, :] * prep.ph_m[row_tf[rows_c]]  # (N, u, Fm)
-    gt = gam.transpose(1, 2)  # (N, c, u)
-    z = torch.complex(torch.bmm(gt, qr.real), torch.bmm(gt, qr.imag))  # (N, c, Fm)
-    del qr
-    key = half[:, None] * n_cols + cols  # (N, c)
-    bsum.view(-1, bsum.shape[-1]).index_add_(0, key[col_ok], z[col_ok])
-    # posterior-mean reference per row, for the residual power
-    m = torch.complex(torch.bmm(gam, a_blk.real), torch.bmm(gam, a_blk.imag))  # (N, u, Ff)
-    cross_pix = ((x_f[:, None, :] * ph * torch.conj(m)).real * row_ok[:, :, None]).sum(1)
-    return mx, s_i, best_row, best_col, gmax, g_part, cross_pix.to(rdt), g_rows
+    cross_pix = torch.empty(n, x_f.shape[1], device=device, dtype=rdt)
+    budget = max(1, CHUNK_BUDGET // max(1, 4 * pw_f.shape[1]))  # block entries whose (u + c) x Ff arrays fit
+    for pb in _block_buckets(r_cnt, c_cnt, budget):
+        nb = len(pb)
+        u_max = max(1, int(r_cnt[pb].max()))
+        j = torch.arange(u_max, device=device)
+        row_ok = j[None, :] < r_cnt[pb, None]
+        rows_c = torch.where(row_ok, r_start[pb, None] + j[None, :], 0)  # (nb, u)
+        c_p, c_c = torch.nonzero(live[pb], as_tuple=True)
+        cb = c_cnt[pb]
+        c_max = max(1, int(cb.max()))
+        c_local = torch.arange(len(c_p), device=device) - (torch.cumsum(cb, 0) - cb)[c_p]
+        cols = torch.zeros(nb, c_max, device=device, dtype=torch.long)
+        col_ok = torch.zeros(nb, c_max, device=device, dtype=torch.bool)
+        cols[c_p, c_local] = c_c
+        col_ok[c_p, c_local] = True
+        emask = colmask[rows_c[:, :, None], cols[:, None, :]] & row_ok[:, :, None] & col_ok[:, None, :]  # (nb, u, c)
+
+        ph = prep.ph_f[row_tf[rows_c]]  # (nb, u, Ff)
+        p_blk = pw_f[pb, None, :] * ph
+        a_blk = a_cols[cols]  # (nb, c, Ff)
+        logw = torch.bmm(torch.cat([p_blk.real, p_blk.imag], -1), torch.cat([a_blk.real, a_blk.imag], -1).transpose(1, 2))
+        del p_blk
+        logw -= 0.5 * (xnorm_f[pb, None, None] + norm_f[pb[:, None], cols][:, None, :])
+        logw += row_logoff[rows_c][:, :, None] + col_prior[cols][:, None, :]
+        logw.masked_fill_(~emask, -torch.inf)
+        m_b, arg = logw.reshape(nb, -1).max(1)
+        gam = torch.exp(logw - m_b[:, None, None])  # (nb, u, c); dead entries 0
+        del logw
+        s_b = gam.sum((1, 2), dtype=torch.float64)
+        gam /= s_b[:, None, None].to(gam.dtype)
+        ar = torch.arange(nb, device=device)
+        mx[pb], s_i[pb] = m_b, s_b
+        best_row[pb] = rows_c[ar, arg // c_max]
+        best_col[pb] = cols[ar, arg % c_max]
+        gmax[pb] = gam.reshape(nb, -1)[ar, arg]
+        # posterior per particle and column, per row
+        g_part[pb] = torch.zeros(nb, n_cols, device=device, dtype=gam.dtype).scatter_add_(1, cols, gam.sum(1))
+        g_rows[rows_c[row_ok]] = gam.sum(2, dtype=torch.float64)[row_ok]
+        # data sums: Z[i, c] = sum_u G[i, u, c] Q[i, u], scattered to the columns' rows of bsum
+        qr = q0[pb, None, :] * prep.ph_m[row_tf[rows_c]]  # (nb, u, Fm)
+        gt = gam.transpose(1, 2)  # (nb, c, u)
+        z = torch.complex(torch.bmm(gt, qr.real), torch.bmm(gt, qr.imag))  # (nb, c, Fm)
+        del qr
+        key = half[pb, None] * n_cols + cols  # (nb, c)
+        bsum.view(-1, bsum.shape[-1]).index_add_(0, key[col_ok], z[col_ok])
+        # posterior-mean reference per row, for the residual power (padded rows have zero posterior)
+        m = torch.complex(torch.bmm(gam, a_blk.real), torch.bmm(gam, a_blk.imag))  # (nb, u, Ff)
+        cross_pix[pb] = (x_f[pb, None, :] * ph * torch.conj(m)).real.sum(1).to(rdt)
+    return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, g_rows
 
 
 def _fine_sparse(n, sig, live_c, par_key, n_t, pw_f, norm_f, xnorm_f, rounded, s_off2, col_prior, x_f, q0, half, bsum,
@@ -843,7 +879,7 @@ def _fine_pass(batch, sl, sig, n_sig, model, prep: _Prepared, stats, rounded, x_
     n_live = sig_l.any(1).sum(1) * n_ch  # (N,) live fine columns per particle
     rows_pp = sig_l.any(2).sum(1) * 4
     dense = float(n_live.max()) > DENSE_FINE_COLUMNS * len(cols)
-    sparse = not dense and float(rows_pp.max()) * float(n_live.max()) * n > SPARSE_FINE_WASTE * float(sig_l.sum()) * 4 * n_ch
+    sparse = not dense and float((rows_pp * n_live).sum()) > SPARSE_FINE_WASTE * float(sig_l.sum()) * 4 * n_ch
     colmask = None
     if not sparse:
         colmask = sig_l[par_p, par_t].repeat_interleave(n_ch, dim=-1)[:, None, :].expand(-1, 4, -1).reshape(len(row_p), -1)
