@@ -98,12 +98,12 @@ def bench_estep(args) -> dict:
     return {"benchmark": "estep", "rows": rows}
 
 
-def _run(star, out, k, n_iter, grad, seed, client=None, psi_step=12.0, offset_step=2.0):
+def _run(star, out, k, n_iter, grad, seed, client=None, psi_step=12.0, offset_step=2.0, device="cpu"):
     from autospa.jobs.class2d import Class2DOptions, run_class2d
 
     opts = Class2DOptions(input=str(star), output=str(out), n_classes=k, n_iter=n_iter, grad=grad, ctf=True,
                           particle_diameter_a=150.0, random_seed=seed, grad_write_iter=max(10, n_iter),
-                          psi_step_deg=psi_step, offset_step_px=offset_step)
+                          psi_step_deg=psi_step, offset_step_px=offset_step, device=device)
     t = time.perf_counter()
     res = run_class2d(opts, client=client)
     return res, time.perf_counter() - t
@@ -119,7 +119,7 @@ def bench_compare(args) -> dict:
     rows = []
     for grad, n_iter in ((True, args.vdam_iter), (False, args.em_iter)):
         res, dt = _run(star, work / ("vdam" if grad else "em") / "run", args.K, n_iter, grad, 1,
-                       psi_step=args.psi_step, offset_step=args.offset_step)
+                       psi_step=args.psi_step, offset_step=args.offset_step, device=args.device)
         pp = res["particles"]
         pur, psi, sh = score_against_truth(sim.truth, pp["class_index"], pp["psi_deg"], pp["origin_px"], 3.0)
         if grad:
@@ -130,6 +130,7 @@ def bench_compare(args) -> dict:
             seen = n_iter * args.n
         rows.append({"algorithm": "VDAM" if grad else "EM", "iterations": n_iter, "seconds": dt, "epochs": seen / args.n,
                      "purity": pur, "psi_error_deg": psi, "shift_error_px": sh})
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     return {"benchmark": "compare", "particles": args.n, "K": args.K, "rows": rows,
             "speedup_vdam_over_em": rows[1]["seconds"] / rows[0]["seconds"]}
 
@@ -230,7 +231,9 @@ def main() -> int:
         if k not in ("rows", "machine"):
             print(f"{k}: {v}")
     RESULTS.mkdir(exist_ok=True)
-    tag = args.device.replace(":", "") if args.mode == "estep" else args.mode
+    tag = args.device.replace(":", "") if args.mode in ("estep", "compare") else args.mode
+    if args.mode == "compare" and (args.n, args.K) != (20000, 50):
+        tag += f"_{args.n}_K{args.K}"
     (RESULTS / f"class2d_{args.mode}_{tag}.json").write_text(json.dumps(out, indent=2))
     return 0
 

@@ -248,7 +248,7 @@ def test_block_buckets_cover_every_particle_once_and_bound_the_padding():
     gen = torch.Generator().manual_seed(3)
     r = torch.randint(1, 60, (500,), generator=gen)
     c = torch.randint(1, 40, (500,), generator=gen)
-    buckets = es._block_buckets(r, c, budget=10**9)
+    buckets = es._block_buckets(r, c, max_lines=10**9)
     allp = torch.cat(buckets)
     assert torch.equal(torch.sort(allp).values, torch.arange(500))
     assert len(buckets) > 1
@@ -256,6 +256,8 @@ def test_block_buckets_cover_every_particle_once_and_bound_the_padding():
         own = int((r[b] * c[b]).sum())
         padded = int(r[b].max() * c[b].max()) * len(b)
         assert padded <= es.BLOCK_PADDING * own + 256 * len(b) or len(b) == 1
-    # a budget smaller than one block still gives every particle its own bucket
-    tiny = es._block_buckets(r, c, budget=1)
+    # a memory bound smaller than one block still gives every particle its own bucket
+    tiny = es._block_buckets(r, c, max_lines=1)
     assert len(tiny) == 500
+    for b in es._block_buckets(r, c, max_lines=2000):
+        assert int(r[b].max() + c[b].max()) * len(b) <= 2000 or len(b) == 1

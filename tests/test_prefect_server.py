@@ -11,12 +11,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
-from prefect import flow
-from prefect.runtime import flow_run
 
-from autospa.orchestration.prefect_server import configured_api_url, dashboard_url, prefect_server
+psutil = pytest.importorskip("psutil")
+pytest.importorskip("prefect")
+
+from prefect import flow  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+
+from autospa.orchestration.prefect_server import configured_api_url, dashboard_url, prefect_server  # noqa: E402
 
 
 @flow(name="autospa-test-dashboard", persist_result=False)

@@ -354,7 +354,7 @@ def expectation(
         cap = sampling.max_significants
         rows = 4 * (min(t_c, cap) if cap > 0 else t_c)
         per_particle = t_c * k * r_c * 3 + rows * 2 * len(prep.idx_m)
-        chunk_particles = max(1, min(n, CHUNK_BUDGET // max(1, per_particle)))
+        chunk_particles = max(1, min(n, chunk_budget(device) // max(1, per_particle)))
     n_cols = k * r_c * prep.n_children
     # per-column sums of the whole call, back-projected once at the end when they fit
     acc = None
@@ -380,8 +380,18 @@ def expectation(
 ACCUMULATE_MAX = 48_000_000
 
 
-#: Elements (floats) of the largest temporary blocks of one chunk of particles.
+#: Elements (floats) of the largest temporary blocks of one chunk of particles (CPU).
 CHUNK_BUDGET = 32_000_000
+
+#: The same on a GPU: bigger chunks mean fewer kernel launches and host synchronisations per
+#: particle (at 128 MB blocks a GPU E-step is bound by launches, not arithmetic).
+CHUNK_BUDGET_CUDA = 256_000_000
+
+
+def chunk_budget(device: torch.device) -> int:
+    """Floats of the largest temporary block on ``device`` (:data:`CHUNK_BUDGET` or
+    :data:`CHUNK_BUDGET_CUDA`)."""
+    return CHUNK_BUDGET_CUDA if torch.device(device).type == "cuda" else CHUNK_BUDGET
 
 
 def orientation_grid(sampling: Sampling, device=None) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -602,10 +612,11 @@ def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, co
 BLOCK_PADDING = 1.5
 
 
-def _block_buckets(r_cnt: torch.Tensor, c_cnt: torch.Tensor, budget: int) -> list[torch.Tensor]:
+def _block_buckets(r_cnt: torch.Tensor, c_cnt: torch.Tensor, max_lines: int) -> list[torch.Tensor]:
     """Group particles into buckets whose blocks, padded to the bucket's largest rows and columns,
     hold at most :data:`BLOCK_PADDING` times their own entries (plus a little slack, so that
-    buckets do not become tiny) and at most ``budget`` entries; particles sorted by block size."""
+    buckets do not become tiny), and whose padded rows plus columns (the ``(rows + columns, Ff)``
+    arrays a bucket holds) number at most ``max_lines``; particles sorted by block size."""
     r_t, c_t = r_cnt.cpu().long(), c_cnt.cpu().long().clamp_min(1)
     order_t = torch.argsort((r_t * c_t) * (int(c_t.max()) + 1) + c_t, stable=True)
     order, r, c = order_t.tolist(), r_t.tolist(), c_t.tolist()
@@ -616,8 +627,9 @@ def _block_buckets(r_cnt: torch.Tensor, c_cnt: torch.Tensor, budget: int) -> lis
             i = order[stop]
             r_new, c_new = max(r_max, r[i]), max(c_max, c[i])
             own_new = own + r[i] * c[i]
-            padded = r_new * c_new * (stop - start + 1)
-            if stop > start and (padded > BLOCK_PADDING * own_new + 256 * (stop - start + 1) or padded > budget):
+            count = stop - start + 1
+            if stop > start and (r_new * c_new * count > BLOCK_PADDING * own_new + 256 * count
+                                 or (r_new + c_new) * count > max_lines):
                 break
             r_max, c_max, own, stop = r_new, c_new, own_new, stop + 1
         buckets.append(order_t[start:stop].to(r_cnt.device))
@@ -660,8 +672,8 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
     g_part = torch.zeros(n, n_cols, device=device, dtype=rdt)
     g_rows = torch.zeros(n_rows, device=device, dtype=torch.float64)
     cross_pix = torch.empty(n, x_f.shape[1], device=device, dtype=rdt)
-    budget = max(1, CHUNK_BUDGET // max(1, 4 * pw_f.shape[1]))  # block entries whose (u + c) x Ff arrays fit
-    for pb in _block_buckets(r_cnt, c_cnt, budget):
+    max_lines = max(1, chunk_budget(device) // max(1, 4 * pw_f.shape[1]))  # (rows + columns, Ff) arrays that fit
+    for pb in _block_buckets(r_cnt, c_cnt, max_lines):
         nb = len(pb)
         u_max = max(1, int(r_cnt[pb].max()))
         j = torch.arange(u_max, device=device)
@@ -838,7 +850,7 @@ def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats, acc
         while stop < n:
             c_new = min(n_cols, cols_sum + int(live_per_particle[stop]) * prep.n_children)
             r_new = rows_sum + int(rows_per_particle[stop])
-            if stop > start and c_new * r_new > CHUNK_BUDGET:
+            if stop > start and c_new * r_new > chunk_budget(device):
                 break
             cols_sum, rows_sum, stop = c_new, r_new, stop + 1
         sl = slice(start, stop)
@@ -1003,7 +1015,7 @@ def _expectation_local(batch: ParticleBatch, model: EStepModel, sampling: Sampli
     idx_m = window_indices(box, model.current_size, device, include_dc=True)
     if chunk_particles is None:
         per_particle = k * len(deltas) * (6 * len(idx_f) + 4 * len(idx_m) + 3 * len(trans)) + 4 * len(trans) * len(idx_m)
-        chunk_particles = max(1, min(n, CHUNK_BUDGET // max(1, per_particle)))
+        chunk_particles = max(1, min(n, chunk_budget(device) // max(1, per_particle)))
     # back-projections of all chunks, Hermitian-completed once at the end
     raw = [torch.zeros_like(stats.data, dtype=torch.complex64), torch.zeros_like(stats.weight, dtype=torch.float32)]
     ref_channels = slices.channels(model.ref_ft)
