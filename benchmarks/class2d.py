@@ -117,7 +117,8 @@ def bench_compare(args) -> dict:
     sim = _sim(args.n, args.true_classes)
     star, _ = write_unaligned_set(work / "Simulated", sim)
     rows = []
-    for grad, n_iter in ((True, args.vdam_iter), (False, args.em_iter)):
+    runs = [(True, args.vdam_iter), (False, args.em_iter)]
+    for grad, n_iter in [r for r in runs if ("vdam" if r[0] else "em") in args.algorithms.split(",")]:
         res, dt = _run(star, work / ("vdam" if grad else "em") / "run", args.K, n_iter, grad, 1,
                        psi_step=args.psi_step, offset_step=args.offset_step, device=args.device)
         pp = res["particles"]
@@ -131,8 +132,10 @@ def bench_compare(args) -> dict:
         rows.append({"algorithm": "VDAM" if grad else "EM", "iterations": n_iter, "seconds": dt, "epochs": seen / args.n,
                      "purity": pur, "psi_error_deg": psi, "shift_error_px": sh})
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()), flush=True)
-    return {"benchmark": "compare", "particles": args.n, "K": args.K, "rows": rows,
-            "speedup_vdam_over_em": rows[1]["seconds"] / rows[0]["seconds"]}
+    out = {"benchmark": "compare", "particles": args.n, "K": args.K, "rows": rows}
+    if len(rows) == 2:
+        out["speedup_vdam_over_em"] = rows[1]["seconds"] / rows[0]["seconds"]
+    return out
 
 
 def bench_workers(args) -> dict:
@@ -215,6 +218,7 @@ def main() -> int:
     p.add_argument("--true_classes", type=int, default=10)
     p.add_argument("--vdam_iter", type=int, default=200)
     p.add_argument("--em_iter", type=int, default=25)
+    p.add_argument("--algorithms", default="vdam,em", help="compare: which to run (vdam,em)")
     p.add_argument("--iter", type=int, default=3)
     p.add_argument("--work", default="/tmp/autospa_bench_class2d")
     args = p.parse_args()
@@ -234,6 +238,8 @@ def main() -> int:
     tag = args.device.replace(":", "") if args.mode in ("estep", "compare") else args.mode
     if args.mode == "compare" and (args.n, args.K) != (20000, 50):
         tag += f"_{args.n}_K{args.K}"
+    if args.mode == "compare" and args.algorithms != "vdam,em":
+        tag += "_" + args.algorithms.replace(",", "_") + f"{args.em_iter if 'em' in args.algorithms.split(',') else args.vdam_iter}"
     (RESULTS / f"class2d_{args.mode}_{tag}.json").write_text(json.dumps(out, indent=2))
     return 0
 

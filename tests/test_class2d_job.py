@@ -40,8 +40,9 @@ def _check(result, truth):
 
 def test_em_classifies_and_aligns(dataset, tmp_path):
     star, truth = dataset
+    # device "auto" (scheme jobs with use_gpu Yes): this machine's GPU where it has one, else the CPU
     opts = Class2DOptions(input=str(star), output=str(tmp_path / "em" / "run"), n_classes=6, n_iter=10, ctf=True,
-                          particle_diameter_a=150, random_seed=2, psi_step_deg=12.0, offset_step_px=2.0)
+                          particle_diameter_a=150, random_seed=2, psi_step_deg=12.0, offset_step_px=2.0, device="auto")
     res = run_class2d(opts)
     purity, psi_err, shift_err = _check(res, truth)
     assert purity >= 0.9
@@ -137,3 +138,14 @@ def test_bad_input_one_line_exit_1(tmp_path, args, message):
     assert r.returncode == 1
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_scheme_jobs_take_their_device_from_use_gpu(tmp_path):
+    from autospa.jobs import class2d, initialmodel, refine3d
+
+    job = tmp_path / "Class2D" / "job001"
+    for mod in (class2d, initialmodel, refine3d):
+        opts = {"fn_img": "particles.star", "fn_ref": "ref.mrc", "particle_diameter": "150"}
+        assert mod.options_from_job(job, {**opts, "use_gpu": "Yes"}).device == "auto"
+        assert mod.options_from_job(job, {**opts, "use_gpu": "No"}).device == "cpu"
+        assert mod.options_from_job(job, opts).device == "cpu"

@@ -31,7 +31,7 @@ from autospa.jobs.refine_common import (
     check_particles_input, current_client, initial_noise,
     input_store, particle_diameter_px, per_particle_init, write_data_table,
 )
-from autospa.jobs.registry import check_abort, option_bool, option_float, option_int, register_job, resolve_path, succeed
+from autospa.jobs.registry import check_abort, job_device, option_bool, option_float, option_int, register_job, resolve_path, succeed
 from autospa.numerics.masks import soft_circular_mask
 from autospa.refinement import init as rinit
 from autospa.refinement import mstep, schedule
@@ -449,6 +449,7 @@ def options_from_job(job_dir: Path, options: dict[str, str]) -> Class2DOptions:
     """Class2DOptions from a relion.class2d job.star (RELION's GUI option names)."""
     grad = option_bool(options, "do_grad", False) and not option_bool(options, "do_em", False)
     return Class2DOptions(
+        device=job_device(options),
         input=str(resolve_path(job_dir, options.get("fn_img", ""))),
         output=str(Path(job_dir) / "run"),
         n_classes=option_int(options, "nr_classes", 1),

@@ -37,7 +37,7 @@ from autospa.jobs.refine_common import (
     check_particles_input, current_client, initial_noise,
     input_store, particle_diameter_px, per_particle_init, write_data_table,
 )
-from autospa.jobs.registry import check_abort, option_bool, option_float, option_int, register_job, resolve_path, succeed
+from autospa.jobs.registry import check_abort, job_device, option_bool, option_float, option_int, register_job, resolve_path, succeed
 from autospa.numerics.sampling import angular_sampling_deg
 from autospa.numerics.symmetry import point_group_order
 from autospa.refinement import init as rinit
@@ -371,6 +371,7 @@ def options_from_job(job_dir: Path, options: dict[str, str]) -> InitialModelOpti
     # symmetry later", do_run_C1, RELION's default and the only mode here)
     run_sym = options.get("sym_name", "C1") or "C1"
     return InitialModelOptions(
+        device=job_device(options),
         input=str(resolve_path(job_dir, options.get("fn_img", ""))),
         output=str(Path(job_dir) / "run"),
         n_classes=option_int(options, "nr_classes", 1),

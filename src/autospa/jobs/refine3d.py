@@ -41,7 +41,7 @@ from autospa.jobs.refine_common import (
     check_particles_input, current_client, initial_noise,
     input_store, particle_diameter_px, per_particle_init, write_data_table,
 )
-from autospa.jobs.registry import check_abort, option_bool, option_float, register_job, resolve_path, succeed
+from autospa.jobs.registry import check_abort, job_device, option_bool, option_float, register_job, resolve_path, succeed
 from autospa.conventions import euler_to_matrix
 from autospa.numerics import slices
 from autospa.numerics.fourier import fourier_rescale
@@ -426,6 +426,7 @@ def options_from_job(job_dir: Path, options: dict[str, str]) -> Refine3DOptions:
         fine = 7.5
     order = max(0, min(5, int(round(math.log2(360.0 / (6 * fine))))) - 1)  # fine step = order + 1
     return Refine3DOptions(
+        device=job_device(options),
         input=str(resolve_path(job_dir, options.get("fn_img", ""))),
         output=str(Path(job_dir) / "run"),
         reference=str(resolve_path(job_dir, options.get("fn_ref", ""))),

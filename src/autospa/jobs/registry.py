@@ -355,6 +355,13 @@ def option_bool(options: Mapping[str, str], key: str, default: bool = False) -> 
     raise AutospaError(f"option {key} = {options[key]!r} is not Yes or No")
 
 
+def job_device(options: Mapping[str, str]) -> str:
+    """The E-step device of a refinement job: ``"auto"`` (each worker's GPU where it has CUDA,
+    else its CPU) when the job says ``use_gpu Yes``, ``"cpu"`` otherwise. Which GPUs exist is the
+    cluster's business (``--gpu`` workers), not the job's: ``gpu_ids`` is not read here."""
+    return "auto" if option_bool(options, "use_gpu", False) else "cpu"
+
+
 def option_float(options: Mapping[str, str], key: str, default: float | None = None) -> float:
     """A numeric option."""
     if key not in options or str(options[key]).strip() == "":
