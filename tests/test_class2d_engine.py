@@ -71,6 +71,19 @@ def test_row_threshold_keeps_the_requested_mass():
     assert torch.equal(es.row_threshold(w, 0.999, cap=2), torch.tensor([0.3, 1.0]))
 
 
+def test_row_threshold_top_k_shortcut_equals_the_full_sort():
+    g = torch.Generator().manual_seed(4)
+    m = 4 * es.ROW_THRESHOLD_TOPK
+    # sharp rows (a few entries hold the mass) and broad rows (a full sort needed) mixed
+    sharp = torch.exp(-torch.rand(6, m, generator=g) * 200)
+    broad = torch.rand(6, m, generator=g)
+    w = torch.cat([sharp, broad])[torch.randperm(12, generator=g)]
+    for fraction in (0.9, 0.999):
+        srt = torch.sort(w, dim=1, descending=True)[0]
+        expect = es._walk(srt, w.sum(1, keepdim=True, dtype=torch.float64), fraction)
+        assert torch.equal(es.row_threshold(w, fraction), expect)
+
+
 def test_estep_finds_true_poses_and_posteriors_sum_to_one(sim):
     mask = circular_mask(BOX, 25)
     _, model = _true_model(sim, mask)

@@ -294,10 +294,28 @@ def row_threshold(weights: torch.Tensor, fraction: float, cap: int = 0) -> torch
         ``(N,)`` thresholds: ``weights >= threshold[:, None]`` selects the significant entries.
     """
     total = weights.sum(1, keepdim=True, dtype=torch.float64)
-    if 0 < cap < weights.shape[1]:
-        srt = torch.topk(weights, cap, dim=1, sorted=True).values  # the walk stops at the cap anyway
-    else:
-        srt, _ = torch.sort(weights, dim=1, descending=True)
+    m = weights.shape[1]
+    if 0 < cap < m:
+        return _walk(torch.topk(weights, cap, dim=1, sorted=True).values, total, fraction)  # the walk stops at the cap
+    if m <= ROW_THRESHOLD_TOPK:
+        return _walk(torch.sort(weights, dim=1, descending=True)[0], total, fraction)
+    # the largest few usually hold the fraction (sharp posteriors): a full sort only for the
+    # rows where they do not; the result is the full sort's either way
+    srt = torch.topk(weights, ROW_THRESHOLD_TOPK, dim=1, sorted=True).values
+    thr = _walk(srt, total, fraction)
+    short = torch.nonzero(srt.sum(1, dtype=torch.float64) < fraction * total[:, 0] * (1 - 1e-12)).squeeze(1)
+    if len(short):
+        thr[short] = _walk(torch.sort(weights[short], dim=1, descending=True)[0], total[short], fraction)
+    return thr
+
+
+#: Largest weights per row that :func:`row_threshold` looks at before it sorts a whole row.
+ROW_THRESHOLD_TOPK = 256
+
+
+def _walk(srt: torch.Tensor, total: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Threshold of each row of descending weights ``srt`` (N, k) reaching ``fraction`` of
+    ``total`` (N, 1), or the last of the ``k`` when they do not reach it."""
     csum = torch.cumsum(srt.to(torch.float64), 1)
     first = (csum < fraction * total * (1 - 1e-12)).sum(1).clamp_max(srt.shape[1] - 1)
     return srt.gather(1, first[:, None]).squeeze(1)
@@ -540,10 +558,27 @@ def _backproject_columns(values: list[torch.Tensor], cols: torch.Tensor, model: 
     return [slices.hermitian_complete(o, model.ndim) for o in out]
 
 
+def _flat_real(z: torch.Tensor) -> torch.Tensor:
+    """Complex ``(..., F)`` as real ``(..., 2F)`` with real and imaginary parts interleaved (a view
+    when ``z`` is contiguous): ``Re(a conj(b)) = flat(a) . flat(b)``."""
+    return torch.view_as_real(z).flatten(-2)
+
+
 def _real_gemm(left: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
     """``Re(left @ conj(right_t).T)`` for complex ``left`` (M, F) and ``right_t`` (C, F), as one
-    real GEMM of width 2F; returns (M, C)."""
-    return torch.cat([left.real, left.imag], -1) @ torch.cat([right_t.real, right_t.imag], -1).T
+    real GEMM of width 2F on the interleaved views (no copies); returns (M, C)."""
+    return _flat_real(left) @ _flat_real(right_t).T
+
+
+def _real_bmm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Batched ``Re(left @ conj(right)^T)``: complex ``(B, M, F)`` and ``(B, C, F)`` -> real ``(B, M, C)``."""
+    return torch.bmm(_flat_real(left), _flat_real(right).transpose(1, 2))
+
+
+def _weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Real ``(..., M, U)`` weights times complex ``(..., U, F)`` values -> complex ``(..., M, F)``,
+    one real (batched) GEMM on the interleaved view of ``values``."""
+    return torch.view_as_complex(torch.matmul(weights, _flat_real(values)).unflatten(-1, (-1, 2)))
 
 
 #: Fraction of a chunk's (class, psi) columns live in some particle above which the fine pass is
@@ -601,8 +636,8 @@ def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, co
             continue
         qr = q0[row_p[rows]] * prep.ph_m[row_tf[rows]]  # (U_h, Fm)
         g_h = gam[rows]
-        bsum[h] += torch.complex(g_h.T @ qr.real, g_h.T @ qr.imag)
-    m_rows = torch.complex(gam @ a_cols.real, gam @ a_cols.imag)  # (U, Ff) posterior-mean reference
+        bsum[h] += _weighted_sum(g_h.T, qr)
+    m_rows = _weighted_sum(gam, a_cols)  # (U, Ff) posterior-mean reference
     cross_pix = torch.zeros_like(x_f.real).index_add_(0, row_p, (x_f[row_p] * ph_rows * torch.conj(m_rows)).real)
     return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, gam.sum(1, dtype=torch.float64)
 
@@ -689,11 +724,11 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
         col_ok[c_p, c_local] = True
         emask = colmask[rows_c[:, :, None], cols[:, None, :]] & row_ok[:, :, None] & col_ok[:, None, :]  # (nb, u, c)
 
+        # Re(P ph_u conj(A_c)) = Re(ph_u conj(A_c conj(P))): the image weights go onto the (fewer)
+        # columns, so no (rows, Ff) product is formed
         ph = prep.ph_f[row_tf[rows_c]]  # (nb, u, Ff)
-        p_blk = pw_f[pb, None, :] * ph
         a_blk = a_cols[cols]  # (nb, c, Ff)
-        logw = torch.bmm(torch.cat([p_blk.real, p_blk.imag], -1), torch.cat([a_blk.real, a_blk.imag], -1).transpose(1, 2))
-        del p_blk
+        logw = _real_bmm(ph, a_blk * torch.conj(pw_f[pb, None, :]))
         logw -= 0.5 * (xnorm_f[pb, None, None] + norm_f[pb[:, None], cols][:, None, :])
         logw += row_logoff[rows_c][:, :, None] + col_prior[cols][:, None, :]
         logw.masked_fill_(~emask, -torch.inf)
@@ -710,16 +745,17 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
         # posterior per particle and column, per row
         g_part[pb] = torch.zeros(nb, n_cols, device=device, dtype=gam.dtype).scatter_add_(1, cols, gam.sum(1))
         g_rows[rows_c[row_ok]] = gam.sum(2, dtype=torch.float64)[row_ok]
-        # data sums: Z[i, c] = sum_u G[i, u, c] Q[i, u], scattered to the columns' rows of bsum
-        qr = q0[pb, None, :] * prep.ph_m[row_tf[rows_c]]  # (nb, u, Fm)
         gt = gam.transpose(1, 2)  # (nb, c, u)
-        z = torch.complex(torch.bmm(gt, qr.real), torch.bmm(gt, qr.imag))  # (nb, c, Fm)
-        del qr
+        # data sums: Z[i, c] = sum_u G[i, u, c] Q[i] ph_u = Q[i] (G^T ph)[c], scattered to the
+        # columns' rows of bsum
+        z = q0[pb, None, :] * _weighted_sum(gt, prep.ph_m[row_tf[rows_c]])  # (nb, c, Fm)
         key = half[pb, None] * n_cols + cols  # (nb, c)
         bsum.view(-1, bsum.shape[-1]).index_add_(0, key[col_ok], z[col_ok])
-        # posterior-mean reference per row, for the residual power (padded rows have zero posterior)
-        m = torch.complex(torch.bmm(gam, a_blk.real), torch.bmm(gam, a_blk.imag))  # (nb, u, Ff)
-        cross_pix[pb] = (x_f[pb, None, :] * ph * torch.conj(m)).real.sum(1).to(rdt)
+        del z
+        # posterior-weighted Re(X ph_u conj(A_c)) = Re(X sum_c conj(A_c) (G^T ph)[c]) for the
+        # residual power (padded rows and columns have zero posterior)
+        g_ph = _weighted_sum(gt, ph)  # (nb, c, Ff)
+        cross_pix[pb] = (x_f[pb] * (torch.conj(a_blk) * g_ph).sum(1)).real.to(rdt)
     return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, g_rows
 
 
@@ -750,7 +786,7 @@ def _fine_sparse(n, sig, live_c, par_key, n_t, pw_f, norm_f, xnorm_f, rounded, s
         col = c[:, None] * n_ch + kids  # (s, C)
         ph = pw_f[p][:, None, :] * prep.ph_f[tf]
         a = a_cols[col]
-        lw = torch.bmm(torch.cat([ph.real, ph.imag], -1), torch.cat([a.real, a.imag], -1).transpose(1, 2))
+        lw = _real_bmm(ph, a)
         lw -= 0.5 * (xnorm_f[p][:, None, None] + norm_f[p[:, None], col][:, None, :])
         lw -= ((rounded[p][:, None, :] + prep.trans_f[tf]) ** 2).sum(-1)[:, :, None] / (2 * s_off2)
         lw += col_prior[col][:, None, :]
@@ -787,11 +823,11 @@ def _fine_sparse(n, sig, live_c, par_key, n_t, pw_f, norm_f, xnorm_f, rounded, s
         col = col_all[e]
         qr = q0[p][:, None, :] * prep.ph_m[tf]  # (s, 4, Fm)
         gt = g.transpose(1, 2)  # (s, C, 4)
-        z = torch.complex(torch.bmm(gt, qr.real), torch.bmm(gt, qr.imag))  # (s, C, Fm)
+        z = _weighted_sum(gt, qr)  # (s, C, Fm)
         key = half[p][:, None] * n_cols + col
         bsum.view(-1, bsum.shape[-1]).index_add_(0, key.reshape(-1), z.reshape(-1, fm))
         a = a_cols[col]
-        m = torch.complex(torch.bmm(g, a.real), torch.bmm(g, a.imag))  # (s, 4, Ff)
+        m = _weighted_sum(g, a)  # (s, 4, Ff)
         cross_pix.index_add_(0, p, (x_f[p][:, None, :] * prep.ph_f[tf] * torch.conj(m)).real.sum(1))
     return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, g_rows
 
@@ -832,7 +868,8 @@ def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats, acc
     logw += log_off[:, :, None]
     logw += model.log_class_prior.repeat_interleave(r_n)[None, None, :]
     logw = logw.reshape(n, -1)
-    w = torch.exp(logw - logw.amax(1, keepdim=True))  # (N, T*KR)
+    logw -= logw.amax(1, keepdim=True)
+    w = logw.exp_()  # (N, T*KR), in place
     del logw
     thr = row_threshold(w, sampling.adaptive_fraction, sampling.max_significants)
     sig = (w >= thr[:, None]) & (w > 0)
@@ -1069,7 +1106,7 @@ def _local_chunk(batch: ParticleBatch, model: EStepModel, sampling: Sampling, ma
     ctf_f, w_f = ctf_all[:, idx_f], inv_s2_all[:, idx_f]
     ph_f = _phases(f_f, trans, box)  # (T, Ff)
     p = (ctf_f * w_f * x_f)[:, None, :] * ph_f[None]  # (N, T, Ff)
-    logw = torch.bmm(torch.cat([p.real, p.imag], -1), torch.cat([a.real, a.imag], -1).transpose(1, 2))  # (N, T, KJ)
+    logw = _real_bmm(p, a)  # (N, T, KJ)
     del p
     a_pow = a.real**2 + a.imag**2  # (N, KJ, Ff)
     norm = torch.bmm(a_pow, (ctf_f**2 * w_f)[:, :, None]).squeeze(-1)  # (N, KJ)
@@ -1116,7 +1153,7 @@ def _local_chunk(batch: ParticleBatch, model: EStepModel, sampling: Sampling, ma
             bn, bc = hn[s : s + COLUMN_BLOCK], hc[s : s + COLUMN_BLOCK]
             g = gam[bn, :, bc][:, None, :]  # (L, 1, T)
             q = q0[bn][:, None, :] * ph_m[None]  # (L, T, Fm)
-            z = torch.complex(torch.bmm(g, q.real), torch.bmm(g, q.imag)).squeeze(1)  # (L, Fm)
+            z = _weighted_sum(g, q).squeeze(1)  # (L, Fm)
             wgt = col_w[bn, bc][:, None] * c2[bn]
             st = slices.stencil(rots_nj[bn, bc % n_j], f_m, box, model.pad)
             raw[0][h] += slices.scatter_columns(z, bc // n_j, st, k).to(raw[0].dtype)
@@ -1125,7 +1162,7 @@ def _local_chunk(batch: ParticleBatch, model: EStepModel, sampling: Sampling, ma
         sel = half == h
         stats.class_weight[h] += col_w[sel].reshape(-1, k, n_j).sum((0, 2), dtype=torch.float64)
     # residual power and noise
-    m = torch.complex(torch.bmm(gam, a.real), torch.bmm(gam, a.imag))  # (N, T, Ff)
+    m = _weighted_sum(gam, a)  # (N, T, Ff)
     cross_pix = (x_f[:, None, :] * ph_f[None] * torch.conj(m)).real.sum(1)
     resid = (x_f.real**2 + x_f.imag**2) - 2 * ctf_f * cross_pix + ctf_f**2 * torch.bmm(col_w[:, None, :], a_pow).squeeze(1)
     _add_noise_power(stats, batch.group, resid, x_mask, idx_f, idx_m, freqs_all, shells_all)
