@@ -52,6 +52,15 @@ def test_default_local_cluster_uses_worker_processes() -> None:
         _uneven_sum(client)
 
 
+def test_workers_get_the_malloc_settings_after_a_default_dask_cluster(monkeypatch) -> None:
+    # a default dask cluster earlier in the process leaves dask's trim threshold in os.environ
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    with get_client(n_workers=1, memory_limit="512MiB") as client:
+        env = client.run(lambda: {k: os.environ.get(k) for k in MALLOC_ENVIRONMENT})
+        assert list(env.values()) == [MALLOC_ENVIRONMENT]
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"
+
+
 def test_tune_malloc_applies_on_glibc() -> None:
     import platform
 

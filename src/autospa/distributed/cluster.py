@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -27,10 +28,37 @@ def worker_environment() -> dict[str, str]:
     """Environment of spawned worker processes: dask's ``pre-spawn-environ`` with
     :data:`MALLOC_ENVIRONMENT` over it (a user's dask configuration of these names wins)."""
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-    user = {k: v for k, v in env.items() if k in MALLOC_ENVIRONMENT and str(v) != "65536"}
+    user = {k: v for k, v in env.items() if k in MALLOC_ENVIRONMENT and str(v) != DASK_TRIM_DEFAULT}
     env.update(MALLOC_ENVIRONMENT)
     env.update(user)
     return env
+
+
+#: dask's own ``MALLOC_TRIM_THRESHOLD_``; its nanny copies its spawn environment into this
+#: process's ``os.environ`` and lets ``os.environ`` override the configuration, so after one
+#: default dask cluster in a process every later one would inherit it.
+DASK_TRIM_DEFAULT = "65536"
+
+
+@contextlib.contextmanager
+def _worker_malloc_environment() -> Iterator[None]:
+    """Workers started inside get :func:`worker_environment`: the dask configuration, and this
+    process's environment for names it lacks or holds dask's default in (a value a user exported
+    is kept, as dask keeps it)."""
+    env = worker_environment()
+    saved = {k: os.environ.get(k) for k in MALLOC_ENVIRONMENT}
+    for k, v in saved.items():
+        if v is None or v == DASK_TRIM_DEFAULT:
+            os.environ[k] = env[k]
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def parse_gpus(gpus: int | str | Sequence[int] | None) -> list[int] | None:
@@ -257,7 +285,7 @@ def _start_cluster(kind: str, **kw) -> Iterator:
         finally:
             clu.close()
         return
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment()}):
+    with _worker_malloc_environment():
         if gpu_ids is not None:
             clu = _local_cuda_cluster(gpu_ids, kw)
         else:
