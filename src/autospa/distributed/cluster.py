@@ -24,20 +24,23 @@ log = logging.getLogger(__name__)
 
 CLUSTER_KINDS = ("local", "slurm")
 
-def worker_environment() -> dict[str, str]:
-    """Environment of spawned worker processes: dask's ``pre-spawn-environ`` with
-    :data:`MALLOC_ENVIRONMENT` over it (a user's dask configuration of these names wins)."""
-    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-    user = {k: v for k, v in env.items() if k in MALLOC_ENVIRONMENT and str(v) != DASK_TRIM_DEFAULT}
-    env.update(MALLOC_ENVIRONMENT)
-    env.update(user)
-    return env
-
-
 #: dask's own ``MALLOC_TRIM_THRESHOLD_``; its nanny copies its spawn environment into this
 #: process's ``os.environ`` and lets ``os.environ`` override the configuration, so after one
 #: default dask cluster in a process every later one would inherit it.
 DASK_TRIM_DEFAULT = "65536"
+
+
+def _left_to_us(value) -> bool:
+    """A malloc setting nobody chose: unset, or dask's default (see :data:`DASK_TRIM_DEFAULT`)."""
+    return value is None or str(value) == DASK_TRIM_DEFAULT
+
+
+def worker_environment() -> dict[str, str]:
+    """Environment of spawned worker processes: dask's ``pre-spawn-environ`` with
+    :data:`MALLOC_ENVIRONMENT` over it (a user's dask configuration of these names wins)."""
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    env.update({k: v for k, v in MALLOC_ENVIRONMENT.items() if _left_to_us(env.get(k))})
+    return env
 
 
 @contextlib.contextmanager
@@ -47,9 +50,7 @@ def _worker_malloc_environment() -> Iterator[None]:
     is kept, as dask keeps it)."""
     env = worker_environment()
     saved = {k: os.environ.get(k) for k in MALLOC_ENVIRONMENT}
-    for k, v in saved.items():
-        if v is None or v == DASK_TRIM_DEFAULT:
-            os.environ[k] = env[k]
+    os.environ.update({k: env[k] for k, v in saved.items() if _left_to_us(v)})
     try:
         with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
             yield
