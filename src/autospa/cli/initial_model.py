@@ -46,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pad", type=int, default=1, help="padding factor (default 1, as RELION's initial model)")
     p.add_argument("--random_seed", type=int, default=1, help="random seed (default 1)")
     p.add_argument("--maxsig", type=int, default=0, help="cap on significant coarse hypotheses (default 100 K)")
+    p.add_argument("--final_em_iter", type=int, default=5,
+                   help="gold-standard EM iterations on the largest class after VDAM (autospa; 0: RELION's VDAM map; default 5)")
     p.add_argument("--torch_threads", type=int, default=0, help="torch threads per task (default: cores / workers)")
     p.add_argument("--continue", dest="continue_", action="store_true", help="resume the run at --o from its checkpoint")
     add_cluster_arguments(p)
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         healpix_order=args.healpix_order, max_healpix_order=max(args.healpix_order, args.max_healpix_order),
         offset_range_px=args.offset_range, offset_step_px=args.offset_step, ctf=args.ctf, zero_mask=args.zero_mask,
         grad_write_iter=args.grad_write_iter, pad=args.pad, random_seed=args.random_seed, maxsig=args.maxsig,
-        device=device, torch_threads=args.torch_threads,
+        final_em_iter=args.final_em_iter, device=device, torch_threads=args.torch_threads,
         command_line="autospa " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     if opts.torch_threads == 0 and args.scheduler_address is None and device == "cpu":

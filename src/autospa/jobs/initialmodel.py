@@ -8,8 +8,9 @@ iteration a full pass when K > 1, significance capped at 100 K. The E-step is th
 with central slices of the 3D maps and HEALPix orientations; the angular sampling follows the
 resolution (auto-sampling) from ``--healpix_order`` up to ``--max_healpix_order``. The run
 writes RELION's run_itNNN files every ``--grad_write_iter`` iterations and a checkpoint every
-iteration; at the end the most populated class is aligned to the axes of ``--sym`` (C1: written
-unchanged), symmetrised, and written as ``initial_model.mrc``.
+iteration. At the end the most populated class goes through ``--final_em_iter`` gold-standard EM
+iterations (autospa, not RELION: see :func:`gold_standard_finish`), is aligned to the axes of
+``--sym`` (C1: unchanged), symmetrised, and written as ``initial_model.mrc``.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from autospa.jobs.class2d import IterationInfo, circular_mask, particle_table
 from autospa.jobs.refine_common import (
     checkpoint_path, group_tables, require_checkpoint, save_run_checkpoint,
     check_particles_input, current_client, initial_noise,
-    input_store, particle_diameter_px, per_particle_init, write_data_table,
+    half_set_estep, input_store, particle_diameter_px, per_particle_init, write_data_table,
 )
 from autospa.jobs.registry import check_abort, job_device, option_bool, option_float, option_int, register_job, resolve_path, succeed
 from autospa.numerics.sampling import angular_sampling_deg
 from autospa.numerics.symmetry import point_group_order
+from autospa.refinement import autorefine as ar
 from autospa.refinement import init as rinit
 from autospa.refinement import mstep, schedule
 from autospa.refinement.estep import EStepModel, Sampling
@@ -79,6 +81,9 @@ class InitialModelOptions:
         CTF correction (on when the particles have defocus values; --no_ctf turns it off).
     pad
         --pad (RELION's initial model uses 1).
+    final_em_iter
+        Gold-standard EM iterations on the most populated class after the VDAM iterations
+        (:func:`gold_standard_finish`; 0 writes the VDAM reference as RELION does).
     """
 
     input: str
@@ -100,6 +105,7 @@ class InitialModelOptions:
     random_seed: int = 1
     adaptive_fraction: float = 0.999
     maxsig: int = 0
+    final_em_iter: int = 5
     device: str = "cpu"
     torch_threads: int = 0
     store_chunk: int = 1024
@@ -117,6 +123,8 @@ def check_input(opts: InitialModelOptions, continue_: bool = False) -> None:
         raise InputError(src, f"--K must be at least 1 (got {opts.n_classes})")
     if opts.n_iter < 1:
         raise InputError(src, f"--iter must be at least 1 (got {opts.n_iter})")
+    if opts.final_em_iter < 0:
+        raise InputError(src, f"--final_em_iter must be >= 0 (got {opts.final_em_iter})")
     try:
         point_group_order(opts.symmetry)
     except ValueError as exc:
@@ -256,21 +264,77 @@ def _save(path: Path, opts, store_path, n, box, state: ModelState, pp: dict, it:
     save_run_checkpoint(path, CHECKPOINT_VERSION, asdict(opts), store_path, n, box, state, pp, it, gen)
 
 
-def final_map(state: ModelState, symmetry: str) -> tuple[torch.Tensor, int, dict]:
-    """The most populated class, aligned to the axes of ``symmetry`` and symmetrised (C1: as is).
+def final_map(vol: torch.Tensor, symmetry: str) -> tuple[torch.Tensor, dict]:
+    """A map aligned to the axes of ``symmetry`` and symmetrised (C1: as is).
 
     Returns
     -------
-    map, class_index, info
-        ``(D, D, D)``, the 0-based class, and ``{"symmetry_rotation", "symmetry_shift_px"}``.
+    map, info
+        ``(D, D, D)`` and ``{"symmetry_alignment": ...}`` (empty for C1).
+    """
+    vol = vol.to(torch.float32)
+    if symmetry.upper() == "C1":
+        return vol, {}
+    alignment = align_symmetry(vol, symmetry)
+    out = apply_alignment(vol, alignment, apply_symmetry=True)
+    return out, {"symmetry_alignment": alignment}
+
+
+def gold_standard_finish(
+    opts: InitialModelOptions,
+    state: ModelState,
+    pp: dict,
+    table: ParticleTable,
+    store_path: Path,
+    chunk_bounds,
+    mask: torch.Tensor | None,
+    diameter_px: float,
+    client=None,
+) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """The most populated class after ``opts.final_em_iter`` gold-standard EM iterations.
+
+    Not in RELION. VDAM's pseudo half-sets are aligned to one shared reference, so the FSC of
+    their moments also counts the noise the reference has fitted, and the map keeps it: on
+    simulated data the VDAM reference loses its agreement with the truth a shell or two before
+    its own resolution estimate. Here both half-sets start from that reference and are then
+    aligned (global search at the final HEALPix order) and reconstructed independently, each
+    regularised by the FSC between the two half maps (as refine3d does); the result is the map
+    from both halves' sums. The particles are those of the class (at most the final mini-batch
+    size, a fixed random subset), so the cost is that of ``final_em_iter`` final-phase iterations.
+
+    Returns
+    -------
+    map, class_index, fsc
+        ``(D, D, D)``, the 0-based class, and the last half-map FSC ``(D // 2 + 1,)`` (None when
+        ``final_em_iter`` is 0).
     """
     best = int(torch.argmax(state.class_prior))
     vol = state.refs[best].to(torch.float32)
-    if symmetry.upper() == "C1":
-        return vol, best, {}
-    alignment = align_symmetry(vol, symmetry)
-    out = apply_alignment(vol, alignment, apply_symmetry=True)
-    return out, best, {"symmetry_alignment": alignment}
+    if opts.final_em_iter <= 0:
+        return vol, best, None
+    n, box = len(table.half), state.box
+    members = np.arange(n) if state.n_classes == 1 else np.nonzero(pp["class_index"] == best)[0]
+    _, s_fin = schedule.subset_sizes(n, "3d")
+    rng = np.random.default_rng(opts.random_seed * 100003 + opts.n_iter + 1)
+    if len(members) > s_fin:
+        members = np.sort(rng.choice(members, s_fin, replace=False))
+    order = int(state.extra.get("healpix_order", opts.healpix_order))
+    maxsig = opts.maxsig if opts.maxsig > 0 else 100 * opts.n_classes
+    coarse = coarse_window_3d(angular_sampling_deg(order), state.current_size, diameter_px / 2)
+    gold = state.replace(refs=torch.stack([vol, vol]), class_prior=torch.ones(1, dtype=torch.float64))
+    fsc = None
+    for i in range(opts.final_em_iter):
+        sampling = Sampling(offset_range_px=opts.offset_range_px, offset_step_px=opts.offset_step_px,
+                            perturb=float(rng.uniform(-0.5, 0.5)), adaptive_fraction=opts.adaptive_fraction,
+                            max_significants=maxsig, healpix_order=order)
+        stats = half_set_estep(client, store_path, chunk_bounds, members, table.half, gold, pp, table, sampling, mask,
+                               coarse, device=opts.device, torch_threads=opts.torch_threads)
+        rec = ar.reconstruct_halves(stats, box, gold.pad, gold.current_size, 1.0, diameter_px / 2)
+        gold = gold.replace(refs=rec.halves.to(torch.float32))
+        vol, fsc = rec.combined.to(torch.float32), rec.fsc
+        log.info("gold-standard EM %d/%d on class %d (%d particles): half-map FSC 0.143 at %.1f A", i + 1,
+                 opts.final_em_iter, best + 1, len(members), box * state.pixel_size_a / max(rec.resolution_shell, 1))
+    return vol, best, fsc
 
 
 def run_initial_model(
@@ -359,10 +423,11 @@ def run_initial_model(
                                    float(state.log_likelihood), float(state.average_pmax), None if root is None else str(root)))
         if stop_after is not None and it >= stop_after:
             return {"iteration": it, "state": state, "particles": pp, "store": store_path, "initial_model": None, "class_index": None}
-    vol, best, info = final_map(state, opts.symmetry)
+    vol, best, half_fsc = gold_standard_finish(opts, state, pp, table, store_path, chunk_bounds, mask, diameter_px, client)
+    vol, info = final_map(vol, opts.symmetry)
     path = write_volume(out_dir / "initial_model.mrc", vol, state.pixel_size_a)
     return {"iteration": state.iteration, "state": state, "particles": pp, "store": store_path, "initial_model": path,
-            "class_index": best, **info}
+            "class_index": best, "half_map_fsc": half_fsc, **info}
 
 
 def options_from_job(job_dir: Path, options: dict[str, str]) -> InitialModelOptions:
@@ -393,4 +458,5 @@ def job_initialmodel(job_dir: Path, options: dict[str, str], continue_: bool) ->
     succeed(job_dir)
 
 
-__all__ = ["InitialModelOptions", "check_input", "final_map", "healpix_order_for", "model_star_3d", "run_initial_model"]
+__all__ = ["InitialModelOptions", "check_input", "final_map", "gold_standard_finish", "healpix_order_for", "model_star_3d",
+           "run_initial_model"]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from autospa.data.particle_stack import ParticleStack
-from autospa.distributed.map_reduce import ParticleTable, run_estep
+from autospa.distributed.map_reduce import ParticleTable
 from autospa.errors import InputError
 from autospa.io import refine_files as rf
 from autospa.io.postprocess_files import read_volume, write_volume
@@ -39,7 +39,7 @@ from autospa.jobs.postprocess import PostprocessJob, run_postprocess
 from autospa.jobs.refine_common import (
     checkpoint_path, require_checkpoint,
     check_particles_input, current_client, initial_noise,
-    input_store, particle_diameter_px, per_particle_init, write_data_table,
+    half_set_estep, input_store, particle_diameter_px, per_particle_init, write_data_table,
 )
 from autospa.jobs.registry import check_abort, job_device, option_bool, option_float, register_job, resolve_path, succeed
 from autospa.conventions import euler_to_matrix
@@ -50,7 +50,7 @@ from autospa.numerics.sampling import angular_sampling_deg
 from autospa.numerics.symmetry import point_group_order
 from autospa.refinement import autorefine as ar
 from autospa.refinement import mstep
-from autospa.refinement.estep import EStepModel, Sampling, centered_rfft2, rfft_frequencies
+from autospa.refinement.estep import Sampling, centered_rfft2, rfft_frequencies
 from autospa.refinement.postprocess import low_pass
 from autospa.refinement.state import ModelState
 
@@ -357,18 +357,8 @@ def run_refine3d(
         angles = np.stack([pp["rot_deg"], pp["tilt_deg"], pp["psi_deg"]], 1) if local else None
         coarse = coarse_window_3d(auto.angular_step_deg, state.current_size, diameter_px / 2)
         prev = {k: pp[k].copy() for k in ("rot_deg", "tilt_deg", "psi_deg")}
-        stats = None
-        for h in range(2):
-            model = EStepModel(ref_ft=mstep.reference_ft(state.refs[h : h + 1], state.pad), sigma2=state.sigma2,
-                               log_class_prior=torch.zeros(1), sigma_offset_px=state.sigma_offset_a / pix,
-                               current_size=state.current_size, coarse_size=coarse, pad=state.pad)
-            st, res = run_estep(client, str(store_path), chunk_bounds, np.nonzero(half == h)[0], pp["origin_px"], table,
-                                model, sampling, mask, device=opts.device, torch_threads=opts.torch_threads,
-                                angles_deg=angles)
-            stats = st if stats is None else stats + st
-            idx = res["index"]
-            for key in ("psi_deg", "rot_deg", "tilt_deg", "origin_px", "max_posterior", "n_significant", "log_likelihood"):
-                pp[key][idx] = res[key]
+        stats = half_set_estep(client, store_path, chunk_bounds, np.arange(n), half, state, pp, table, sampling, mask, coarse,
+                               device=opts.device, torch_threads=opts.torch_threads, angles_deg=angles)
         stats = ar.symmetrise_stats(stats, opts.symmetry)
         rec = ar.reconstruct_halves(stats, box, state.pad, state.current_size, opts.tau2_fudge, diameter_px / 2)
         nuis = mstep.update_nuisance(state, stats, mu=0.0)

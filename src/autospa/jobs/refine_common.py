@@ -1,6 +1,6 @@
 """What the iterative refinement jobs share (class2d, initial-model, refine3d): the particle store
-of the input, the initial noise estimate, the per-particle table of poses and scores, and the
-run_itNNN_data.star writer.
+of the input, the initial noise estimate, the per-particle table of poses and scores, the E-step
+of a gold-standard iteration, and the run_itNNN_data.star writer.
 """
 
 from __future__ import annotations
@@ -12,13 +12,19 @@ import pandas as pd
 import torch
 
 from autospa.data.particle_stack import ParticleStack
-from autospa.distributed.map_reduce import ParticleTable
+from autospa.distributed.map_reduce import ParticleTable, run_estep
 from autospa.errors import InputError
 from autospa.io import refine_files as rf
 from autospa.io.relion_particles import import_particles
 from autospa.io.zarr_store import open_store, read_store_images
 from autospa.refinement import init as rinit
-from autospa.refinement.estep import soft_mask_background
+from autospa.refinement import mstep
+from autospa.refinement.estep import EStepModel, Sampling, soft_mask_background
+from autospa.refinement.state import ModelState
+from autospa.refinement.statistics import SufficientStats
+
+#: Per-particle results an E-step of one class writes back into the per-particle table.
+POSE_KEYS = ("psi_deg", "rot_deg", "tilt_deg", "origin_px", "max_posterior", "n_significant", "log_likelihood")
 
 
 def check_particles_input(path: str | Path) -> Path:
@@ -138,6 +144,50 @@ def initial_noise(store_path: Path, table: ParticleTable, mask: torch.Tensor | N
         picks.append(pick)
         images.append(imgs)
     return torch.stack(sig), np.concatenate(picks), torch.cat(images)
+
+
+def half_set_estep(
+    client,
+    store_path: Path,
+    chunk_bounds,
+    indices: np.ndarray,
+    half: np.ndarray,
+    state: ModelState,
+    pp: dict,
+    table: ParticleTable,
+    sampling: Sampling,
+    mask: torch.Tensor | None,
+    coarse_size: int,
+    device: str = "cpu",
+    torch_threads: int = 0,
+    angles_deg: np.ndarray | None = None,
+) -> SufficientStats:
+    """The E-step of a gold-standard iteration: the particles of each half-set against that half's
+    own reference (``state.refs[h]``, one class), statistics summed, poses written into ``pp``.
+
+    Parameters
+    ----------
+    indices
+        Store indices of the particles of this iteration.
+    half
+        ``(N_store,)`` half-set (0/1) of every particle; must equal ``table.half`` so that the
+        statistics land in the half each particle was aligned in.
+    state
+        ``refs`` ``(2, D, D, D)``: the two half maps; sigma2, offsets prior, window and padding.
+    pp
+        Per-particle table (:func:`per_particle_init`), updated in place for ``indices``.
+    """
+    stats = None
+    for h in range(2):
+        model = EStepModel(ref_ft=mstep.reference_ft(state.refs[h : h + 1], state.pad), sigma2=state.sigma2,
+                           log_class_prior=torch.zeros(1), sigma_offset_px=state.sigma_offset_a / state.pixel_size_a,
+                           current_size=state.current_size, coarse_size=coarse_size, pad=state.pad)
+        st, res = run_estep(client, str(store_path), chunk_bounds, indices[half[indices] == h], pp["origin_px"], table,
+                            model, sampling, mask, device=device, torch_threads=torch_threads, angles_deg=angles_deg)
+        stats = st if stats is None else stats + st
+        for key in POSE_KEYS:
+            pp[key][res["index"]] = res[key]
+    return stats
 
 
 def per_particle_init(stack: ParticleStack, table: ParticleTable) -> dict:
