@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--px", type=float, default=6.0)
     p.add_argument("--snr", type=float, default=0.2)
     p.add_argument("--iter", type=int, default=24)
-    p.add_argument("--max_order", type=int, default=1)
+    p.add_argument("--max_order", type=int, default=2, help="--max_healpix_order of the initial model (default 2, the job default)")
     p.add_argument("--groups", default="C1,D2")
     p.add_argument("--shape", default=None, help="phantom geometry: globular, elongated or ring")
     p.add_argument("--classes", type=int, default=1, help="--K of the initial model")
