@@ -233,7 +233,8 @@ def test_initial_model_cli_builds_the_structure(tmp_path):
     truth, _ = read_volume(ds.maps[0])
     al = align_maps(model, truth, 4.0)
     curve = fsc(al.aligned.double(), truth.double())
-    # measured: FSC >= 0.5 out to shell 5 (25.6 A); the target (shell 8, twice Nyquist) is not met yet
+    # the simulator's default (globular) phantom is nearly isotropic and nearly its own mirror image at low
+    # resolution: FSC >= 0.5 out to shell 5 (25.6 A) only; the target is tested on an elongated phantom above
     assert float(curve[5]) >= 0.5 and al.correlation > 0.85, [round(float(v), 2) for v in curve]
 
 
