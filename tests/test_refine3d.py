@@ -220,6 +220,26 @@ def test_initial_model_cli_reaches_twice_nyquist_on_an_asymmetric_phantom(tmp_pa
     assert float(curve[24 // 4]) >= 0.5, [round(float(v), 2) for v in curve]
 
 
+def test_gold_standard_finish_keeps_the_vdam_map_when_a_half_set_is_empty(dataset3d, tmp_path):
+    from autospa.io.zarr_store import open_store
+    from autospa.jobs.class2d import particle_table
+    from autospa.jobs.initialmodel import InitialModelOptions, gold_standard_finish
+    from autospa.jobs.refine_common import input_store
+    from autospa.refinement.state import ModelState
+
+    opts = InitialModelOptions(str(dataset3d.particles_star), str(tmp_path / "run"), n_classes=2)
+    store = input_store(opts.input, opts.output)
+    stack = open_store(store)
+    table = particle_table(stack, True)
+    refs = torch.randn(2, 24, 24, 24)
+    state = ModelState(refs=refs, sigma2=torch.ones(1, 13), class_prior=torch.tensor([0.3, 0.7], dtype=torch.float64),
+                       sigma_offset_a=6.0, pixel_size_a=6.0, current_size=24, pad=1)
+    pp = {"class_index": np.zeros(len(stack), np.int64)}
+    pp["class_index"][0] = 1  # the class with the larger prior holds one particle: one half-set is empty
+    vol, best, half_fsc = gold_standard_finish(opts, state, pp, table, store, stack.chunk_bounds(), None, 14.0)
+    assert best == 1 and half_fsc is None and torch.equal(vol, refs[1])
+
+
 @pytest.mark.slow
 def test_initial_model_cli_builds_the_structure(tmp_path):
     """600 particles of 32 px (4 A), 30 VDAM iterations at HEALPix order 1 (about 90 s on 2 cores)."""

@@ -318,6 +318,11 @@ def gold_standard_finish(
     rng = np.random.default_rng(opts.random_seed * 100003 + opts.n_iter + 1)
     if len(members) > s_fin:
         members = np.sort(rng.choice(members, s_fin, replace=False))
+    per_half = np.bincount(np.asarray(table.half)[members], minlength=2)
+    if per_half.min() < 2:
+        log.warning("class %d has %d + %d particles in the two half-sets: no gold-standard EM, the VDAM map is written",
+                    best + 1, int(per_half[0]), int(per_half[1]))
+        return vol, best, None
     order = int(state.extra.get("healpix_order", opts.healpix_order))
     maxsig = opts.maxsig if opts.maxsig > 0 else 100 * opts.n_classes
     coarse = coarse_window_3d(angular_sampling_deg(order), state.current_size, diameter_px / 2)
