@@ -36,7 +36,7 @@ from autospa.jobs.class2d import IterationInfo, circular_mask, particle_table
 from autospa.jobs.refine_common import (
     checkpoint_path, group_tables, require_checkpoint, save_run_checkpoint,
     check_particles_input, current_client, initial_noise,
-    half_set_estep, input_store, particle_diameter_px, per_particle_init, write_data_table,
+    POSE_KEYS, half_set_estep, input_store, particle_diameter_px, per_particle_init, write_data_table,
 )
 from autospa.jobs.registry import check_abort, job_device, option_bool, option_float, option_int, register_job, resolve_path, succeed
 from autospa.numerics.sampling import angular_sampling_deg
@@ -413,7 +413,7 @@ def run_initial_model(
         stats, res = run_estep(client, str(store_path), chunk_bounds, subset, pp["origin_px"], table, model, sampling, mask,
                                device=opts.device, torch_threads=opts.torch_threads)
         idx = res["index"]
-        for key in ("class_index", "psi_deg", "rot_deg", "tilt_deg", "origin_px", "max_posterior", "n_significant", "log_likelihood"):
+        for key in ("class_index",) + POSE_KEYS:
             pp[key][idx] = res[key]
         extra = dict(state.extra)
         state, _info = vdam_update(state, stats, step, t2f, 0.0 if full else opts.mu, diameter_px / 2, center=False)
