@@ -139,8 +139,7 @@ def bench_compare(args) -> dict:
 
 
 def bench_workers(args) -> dict:
-    from distributed import Client, LocalCluster
-
+    from autospa.distributed.cluster import get_client
     from autospa.jobs.demo import write_unaligned_set
 
     work = Path(args.work)
@@ -149,7 +148,8 @@ def bench_workers(args) -> dict:
     rows = []
     for workers in (1, 2):
         threads = 1  # one core per worker: the speed-up measures scaling with workers (cores)
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl, Client(cl) as c:
+        # the cluster `autospa class2d --j N` starts (its workers' malloc settings included)
+        with get_client(n_workers=workers, threads_per_worker=1, dashboard_address=None) as c:
             c.run(torch.set_num_threads, threads)
             res, dt = _run(star, work / f"w{workers}" / "run", args.K, args.iter, False, 1, client=c,
                            psi_step=args.psi_step, offset_step=args.offset_step)

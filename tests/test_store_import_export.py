@@ -226,3 +226,24 @@ def test_console_script_subprocess(tmp_path: Path) -> None:
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines() == [f"autospa import: error: {bad}: not a STAR file (no data_ block)"]
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_job_store_is_reimported_when_the_star_file_or_a_stack_changes(tmp_path: Path) -> None:
+    """A job's ``<root>_particles.zarr`` is reused only while the STAR file and its stacks are the
+    ones it was made from (re-extraction into the same paths must not reuse stale images)."""
+    from autospa.jobs.refine_common import input_store
+
+    star, stacks, _ = make_project(tmp_path, n_mics=2, per_mic=(4, 3))
+    store = input_store(star, tmp_path / "Class2D" / "run")
+    first = open_store(store).read(0, 7)
+    assert np.array_equal(first, _source_images(star))
+    made = os.stat(store / "zarr.json" if (store / "zarr.json").exists() else store).st_mtime_ns
+    assert input_store(star, tmp_path / "Class2D" / "run") == store  # unchanged: reused, not rewritten
+    assert os.stat(store / "zarr.json" if (store / "zarr.json").exists() else store).st_mtime_ns == made
+    # the same paths, new images (one stack rewritten, the STAR file untouched)
+    name = "Extract/job007/MotionCorr/mic_001.mrcs"
+    new = stacks[name] + 1.0
+    write_mrc(tmp_path / name, new, 1.5)
+    os.utime(tmp_path / name, ns=(made + 10**9, made + 10**9))
+    again = open_store(input_store(star, tmp_path / "Class2D" / "run")).read(0, 7)
+    assert np.array_equal(again[4:], new) and np.array_equal(again[:4], first[:4])

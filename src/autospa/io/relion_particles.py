@@ -27,6 +27,21 @@ log = logging.getLogger(__name__)
 PARTICLES_DIR = "Particles"
 
 
+def source_signature(star_path: str | Path, stack_paths) -> str | None:
+    """Fingerprint of a STAR file and its stacks (path, size and modification time of each), by
+    which a store imported from them is known to be current; ``None`` when a file is missing."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in [Path(star_path), *sorted(Path(s) for s in set(stack_paths))]:
+        try:
+            st = p.stat()
+        except OSError:
+            return None
+        h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def import_particles(
     star_path: str | Path,
     store_path: str | Path,
@@ -93,7 +108,9 @@ def import_particles(
             chunk_size=chunk_size,
             overwrite=overwrite,
             compressor=compressor,
-            attrs={"source_star": str(star_path), "relion_version": table.relion_version},
+            attrs={"source_star": str(star_path), "relion_version": table.relion_version,
+                   "source_stacks": sorted(str(p) for p in set(stacks.values())),
+                   "source_signature": source_signature(star_path, stacks.values())},
             star_labels=star_labels,
         )
     except ValueError as exc:

@@ -5,6 +5,7 @@ of a gold-standard iteration, and the run_itNNN_data.star writer.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,15 @@ from autospa.data.particle_stack import ParticleStack
 from autospa.distributed.map_reduce import ParticleTable, run_estep
 from autospa.errors import InputError
 from autospa.io import refine_files as rf
-from autospa.io.relion_particles import import_particles
+from autospa.io.relion_particles import import_particles, source_signature
 from autospa.io.zarr_store import open_store, read_store_images
 from autospa.refinement import init as rinit
 from autospa.refinement import mstep
 from autospa.refinement.estep import EStepModel, Sampling, soft_mask_background
 from autospa.refinement.state import ModelState
 from autospa.refinement.statistics import SufficientStats
+
+log = logging.getLogger(__name__)
 
 #: Per-particle results an E-step of one class writes back into the per-particle table.
 POSE_KEYS = ("psi_deg", "rot_deg", "tilt_deg", "origin_px", "max_posterior", "n_significant", "log_likelihood")
@@ -39,7 +42,8 @@ def check_particles_input(path: str | Path) -> Path:
 
 def input_store(input_path: str | Path, output_root: str | Path, chunk: int = 1024) -> Path:
     """The particle store of a job's input: the store itself, or ``<root>_particles.zarr`` imported
-    from a STAR file (reused while the STAR file is unchanged)."""
+    from a STAR file (reused while the STAR file and its stacks are unchanged: same paths, sizes
+    and modification times, :func:`~autospa.io.relion_particles.source_signature`)."""
     src = check_particles_input(input_path)
     if src.is_dir():
         return src
@@ -50,8 +54,10 @@ def input_store(input_path: str | Path, output_root: str | Path, chunk: int = 10
             attrs = open_store(store).dataset.attrs
         except InputError:
             attrs = {}
-        if attrs.get("source_star") == str(src) and attrs.get("source_mtime") in (None, src.stat().st_mtime):
+        sig = attrs.get("source_signature")
+        if attrs.get("source_star") == str(src) and sig and sig == source_signature(src, attrs.get("source_stacks", [])):
             return store
+        log.info("re-importing %s: the STAR file or its stacks changed since %s was made", src, store)
     import_particles(src, store, dtype="float32", chunk_size=chunk, overwrite=True)
     return store
 
