@@ -84,6 +84,27 @@ def test_row_threshold_top_k_shortcut_equals_the_full_sort():
         assert torch.equal(es.row_threshold(w, fraction), expect)
 
 
+def test_log_row_threshold_selects_what_row_threshold_selects():
+    """The threshold on log-weights (top k and a bound on the rest; exact mass or a full sort only
+    where needed) selects the same entries as row_threshold on the weights, capped or not."""
+    g = torch.Generator().manual_seed(5)
+    m = 8 * es.ROW_THRESHOLD_TOPK
+    rows = [
+        -torch.rand(m, generator=g) * 400,  # sharp: the top k decide, the bound holds
+        -torch.rand(m, generator=g) * 12,  # the bound is loose: the exact mass decides
+        -torch.rand(m, generator=g) * 0.5,  # broad: the top k do not hold the fraction (full sort)
+        torch.where(torch.rand(m, generator=g) < 0.5, -torch.inf, -torch.rand(m, generator=g) * 30),  # -inf entries
+    ]
+    logw = torch.stack(rows * 3)[torch.randperm(12, generator=g)] + 7.0  # an offset: the row maxima are not 0
+    for fraction in (0.9, 0.999):
+        for cap in (0, 60, 5000):
+            thr, mx = es.log_row_threshold(logw, fraction, cap)
+            assert torch.equal(mx, logw.max(1).values)
+            w = torch.exp((logw - mx[:, None]).double())
+            expect = w >= es.row_threshold(w, fraction, cap)[:, None]
+            assert torch.equal(logw >= thr[:, None], expect), (fraction, cap)
+
+
 def test_estep_finds_true_poses_and_posteriors_sum_to_one(sim):
     mask = circular_mask(BOX, 25)
     _, model = _true_model(sim, mask)

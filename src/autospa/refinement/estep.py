@@ -313,6 +313,62 @@ def row_threshold(weights: torch.Tensor, fraction: float, cap: int = 0) -> torch
 ROW_THRESHOLD_TOPK = 256
 
 
+def log_row_threshold(logw: torch.Tensor, fraction: float, cap: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`row_threshold` on log-weights, mostly without exponentiating the rows.
+
+    The significant entries of a row are those whose weight ``exp(logw - max)`` is at least the
+    threshold reached by :func:`row_threshold`; here the threshold is returned as a log-weight,
+    so that ``logw >= threshold[:, None]`` selects them. The largest ``k`` log-weights (``k =
+    cap``, else :data:`ROW_THRESHOLD_TOPK`) and a bound on the mass of the rest (``(M - k)`` times
+    the ``k``-th weight) decide most rows (sharp posteriors: the rest is negligible); the row's
+    total is summed only for the rows the bound leaves undecided, and a full sort done only for
+    rows whose ``k`` largest do not hold ``fraction`` (as :func:`row_threshold`, without a cap).
+    Entries more than 100 below the row's maximum (weights below ``e^-100``) are never significant.
+
+    Parameters
+    ----------
+    logw
+        ``(N, M)`` log-weights (``-inf`` allowed, at least one finite per row).
+
+    Returns
+    -------
+    threshold, row_max
+        ``(N,)`` log-weight thresholds and ``(N,)`` row maxima.
+    """
+    n, m = logw.shape
+    k = cap if 0 < cap < m else min(m, ROW_THRESHOLD_TOPK)
+    vals = torch.topk(logw, k, dim=1, sorted=True).values  # (N, k) descending
+    mx = vals[:, 0]
+    e = torch.exp((vals - mx[:, None]).to(torch.float64))
+    csum = torch.cumsum(e, 1)
+    lower = csum[:, -1]
+    upper = lower + (m - k) * e[:, -1]  # bound of the mass outside the k largest
+    tol = fraction * (1 - 1e-12)
+
+    def first(total: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # index reaching fraction
+        return (c < tol * total[:, None]).sum(1)
+
+    capped = 0 < cap < m
+    last = k - 1 if capped else k  # with a cap the walk stops at the k-th; without, k means "sort"
+    j = first(lower, csum).clamp_max(last)
+    open_rows = torch.nonzero(first(upper, csum).clamp_max(last) != j).squeeze(1)
+    if len(open_rows):  # the bound does not decide: the rows' exact mass
+        sub = logw if len(open_rows) == n else logw[open_rows]
+        exact = torch.exp(sub - mx[open_rows, None]).sum(1, dtype=torch.float64)
+        j[open_rows] = first(exact, csum[open_rows]).clamp_max(last)
+        if not capped:
+            short = open_rows[j[open_rows] >= k]
+            if len(short):  # the k largest do not hold the fraction: a full sort of those rows
+                srt = torch.sort(logw[short], dim=1, descending=True).values
+                c_full = torch.cumsum(torch.exp((srt - mx[short, None]).to(torch.float64)), 1)
+                j_full = first(c_full[:, -1], c_full).clamp_max(m - 1)
+                thr_short = srt.gather(1, j_full[:, None]).squeeze(1)
+    thr = vals.gather(1, j.clamp_max(k - 1)[:, None]).squeeze(1)
+    if len(open_rows) and not capped and len(short):
+        thr[short] = thr_short
+    return torch.maximum(thr, mx - 100.0), mx
+
+
 def _walk(srt: torch.Tensor, total: torch.Tensor, fraction: float) -> torch.Tensor:
     """Threshold of each row of descending weights ``srt`` (N, k) reaching ``fraction`` of
     ``total`` (N, 1), or the last of the ``k`` when they do not reach it."""
@@ -471,6 +527,7 @@ class _Prepared:
     trans_c: torch.Tensor
     idx_c: torch.Tensor
     a_c: torch.Tensor  # (K*R, Fc) coarse slices
+    a_c_aug: torch.Tensor  # (K*R, 2Fc + 2) real view of a_c (interleaved), a column of ones and one of zeros
     ph_c: torch.Tensor  # (T, Fc)
     fine_angles: torch.Tensor  # (R*C, 3)
     fine_mats: torch.Tensor  # (R*C, n, n)
@@ -513,7 +570,9 @@ def _prepare(model: EStepModel, sampling: Sampling, box: int, device) -> _Prepar
     q = sampling.offset_step_px / 4
     child_t = torch.tensor([[-q, -q], [q, -q], [-q, q], [q, q]], device=device, dtype=trans_c.dtype)
     trans_f = (trans_c[:, None, :] + child_t[None]).reshape(-1, 2)
-    prep = _Prepared(r_c, n_ch, trans_c, idx_c, a_c, _phases(f_c, trans_c, box), fine_angles, fine_mats, idx_f, f_f, None,
+    a_c_aug = torch.cat([_flat_real(a_c), torch.ones(a_c.shape[0], 1, dtype=a_c.real.dtype, device=device),
+                         torch.zeros(a_c.shape[0], 1, dtype=a_c.real.dtype, device=device)], 1)
+    prep = _Prepared(r_c, n_ch, trans_c, idx_c, a_c, a_c_aug, _phases(f_c, trans_c, box), fine_angles, fine_mats, idx_f, f_f, None,
                      trans_f, _phases(f_f, trans_f, box), _phases(freqs_all[idx_m], trans_f, box), idx_m, freqs_all[idx_m], step,
                      channels)
     if k * r_c * n_ch * len(idx_f) <= FINE_TABLE_MAX:
@@ -854,28 +913,32 @@ def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats, acc
     inv_s2_all = 1.0 / model.sigma2[batch.group][:, shells_all.clamp_max(model.sigma2.shape[1] - 1)]  # (N, Fall)
     s_off2 = max(model.sigma_offset_px, 1e-3) ** 2
 
-    # --- coarse pass: every (translation, class, orientation) as one GEMM
+    # --- coarse pass: every (translation, class, orientation) as one GEMM. The offset prior
+    # rides in the GEMM (a column of log_off per row against ones, and a zero column that keeps
+    # the rows' length even), the image norm
+    # is left out (a constant per particle), and the CTF-weighted reference power and class prior
+    # (per particle and column) are added in one pass; the significance threshold is taken on
+    # the log-weights (log_row_threshold), so the (N, T*KR) block is never exponentiated.
     idx_c, a_c = prep.idx_c, prep.a_c
     x_c, ctf_c, w_c = x_mask[:, idx_c], ctf_all[:, idx_c], inv_s2_all[:, idx_c]
-    t_c = len(trans_c)
-    p_c = ((ctf_c * w_c * x_c)[:, None, :] * prep.ph_c[None]).reshape(n * t_c, -1)  # (N*T, Fc)
-    logw = _real_gemm(p_c, a_c).reshape(n, t_c, -1)  # (N, T, KR)
-    del p_c
-    norm = (ctf_c**2 * w_c) @ (a_c.real**2 + a_c.imag**2).T  # (N, KR)
-    xnorm = ((x_c.real**2 + x_c.imag**2) * w_c).sum(-1)  # (N,)
-    log_off = -((rounded[:, None, :] + trans_c[None]) ** 2).sum(-1) / (2 * s_off2)  # (N, T)
-    logw -= 0.5 * (xnorm[:, None, None] + norm[:, None, :])
-    logw += log_off[:, :, None]
-    logw += model.log_class_prior.repeat_interleave(r_n)[None, None, :]
-    logw = logw.reshape(n, -1)
-    logw -= logw.amax(1, keepdim=True)
-    w = logw.exp_()  # (N, T*KR), in place
+    t_c, f_c = len(trans_c), len(idx_c)
+    rdt = x_c.real.dtype
+    p_aug = torch.empty(n, t_c, 2 * f_c + 2, dtype=rdt, device=device)  # even rows: a complex view
+    torch.mul((ctf_c * w_c * x_c)[:, None, :], prep.ph_c[None],
+              out=torch.view_as_complex(p_aug[:, :, : 2 * f_c].unflatten(-1, (f_c, 2))))
+    p_aug[:, :, -2] = -((rounded[:, None, :] + trans_c[None]) ** 2).sum(-1) / (2 * s_off2)  # log offset prior
+    p_aug[:, :, -1] = 0
+    logw = (p_aug.view(n * t_c, -1) @ prep.a_c_aug.T).view(n, t_c, -1)  # (N, T, KR)
+    del p_aug
+    bias = -0.5 * ((ctf_c**2 * w_c) @ (a_c.real**2 + a_c.imag**2).T)  # (N, KR)
+    bias += model.log_class_prior.repeat_interleave(r_n)[None, :]
+    logw += bias[:, None, :]
+    logw = logw.view(n, -1)
+    thr, _ = log_row_threshold(logw, sampling.adaptive_fraction, sampling.max_significants)
+    sig = logw >= thr[:, None]
     del logw
-    thr = row_threshold(w, sampling.adaptive_fraction, sampling.max_significants)
-    sig = (w >= thr[:, None]) & (w > 0)
-    del w
     n_sig = sig.sum(1)
-    sig = sig.reshape(n, t_c, k * r_n)
+    sig = sig.view(n, t_c, k * r_n)
 
     # --- fine pass over groups of particles whose (rows x live columns) block fits the budget
     live_per_particle = sig.any(1).sum(1)  # (N,) significant coarse columns
