@@ -122,6 +122,27 @@ def test_estep_finds_true_poses_and_posteriors_sum_to_one(sim):
     assert bool((res.max_posterior > 0).all()) and bool((res.max_posterior <= 1 + 1e-6).all())
 
 
+def test_prepared_model_is_reused_per_model_object_and_gives_the_same_result(sim):
+    """Tasks of one iteration share the broadcast model: its projections are made once; a new
+    model object or a new sampling is prepared afresh."""
+    mask = circular_mask(BOX, 25)
+    _, model = _true_model(sim, mask)
+    batch = _batch(sim)
+    first, second = batch.subset(slice(0, 40)), batch.subset(slice(40, 80))
+    es.clear_prep_cache()
+    s1, r1 = es.expectation(first, model, es.Sampling(), mask)
+    prep = es._PREP_CACHE[-1][2][1]
+    s2, r2 = es.expectation(second, model, es.Sampling(), mask)
+    assert len(es._PREP_CACHE) == 1 and es._PREP_CACHE[-1][2][1] is prep  # reused
+    es.clear_prep_cache()
+    s2b, r2b = es.expectation(second, model, es.Sampling(), mask)  # prepared afresh: same numbers
+    assert torch.equal(r2.class_index, r2b.class_index) and torch.equal(r2.psi_deg, r2b.psi_deg)
+    assert torch.allclose(s2.data, s2b.data)
+    es.expectation(first, model, es.Sampling(perturb=0.25), mask)  # another sampling
+    es.expectation(first, es.EStepModel(*[getattr(model, f) for f in model.__dataclass_fields__]), es.Sampling(), mask)
+    assert len(es._PREP_CACHE) == es._PREP_CACHE_SIZE and all(e[2][1] is not prep for e in es._PREP_CACHE)
+
+
 def test_fine_pass_matches_brute_force_posteriors(sim):
     """With every coarse hypothesis significant, the blocked fine pass equals a direct evaluation
     of the likelihood over the whole fine grid (2R psi x 4T translations x K classes)."""
@@ -295,3 +316,54 @@ def test_block_buckets_cover_every_particle_once_and_bound_the_padding():
     assert len(tiny) == 500
     for b in es._block_buckets(r, c, max_lines=2000):
         assert int(r[b].max() + c[b].max()) * len(b) <= 2000 or len(b) == 1
+
+
+def test_chunk_cache_reads_a_rewritten_store_afresh_and_keeps_small_stores(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from autospa.distributed import map_reduce as mr
+
+    rng = np.random.default_rng(0)
+    store = tmp_path / "s.zarr"
+    meta = pd.DataFrame({"rlnOpticsGroup": np.ones(64, int), "rlnImageName": [f"{i + 1}@x.mrcs" for i in range(64)]})
+    optics = [{"rlnOpticsGroup": 1, "rlnOpticsGroupName": "g1", "rlnImagePixelSize": 2.0, "rlnImageSize": 8,
+               "rlnImageDimensionality": 2, "rlnVoltage": 300.0, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}]
+    a = rng.standard_normal((64, 8, 8)).astype(np.float32)
+    write_store(store, [a], meta, optics=optics, chunk_size=32, dtype="float32")
+    mr.clear_chunk_cache()
+    stamp, fits = mr._store_stamp_and_fits(str(store))
+    assert fits  # 16 kB: a sparse read of this store keeps its chunk
+    assert np.array_equal(mr.load_chunk(str(store), 32, 64, torch.device("cpu")).numpy(), a[32:])
+    # the store written anew at the same path: its chunks are not taken from the cache
+    b = a + 1.0
+    write_store(store, [b], meta, optics=optics, chunk_size=32, dtype="float32", overwrite=True)
+    assert mr._store_stamp_and_fits(str(store))[0] != stamp
+    assert np.array_equal(mr.load_chunk(str(store), 32, 64, torch.device("cpu")).numpy(), b[32:])
+    # a cache smaller than twice the store: sparse reads keep nothing
+    monkeypatch.setenv("AUTOSPA_CHUNK_CACHE_MB", str(16_000 / 2**20))
+    assert not mr._store_stamp_and_fits(str(store))[1]
+    mr.clear_chunk_cache()
+
+
+def test_plan_tasks_covers_every_particle_once_and_packs_sparse_batches():
+    from autospa.distributed.map_reduce import TASK_PARTICLES, plan_tasks
+
+    bounds = [(s, min(s + 1024, 20_000)) for s in range(0, 20_000, 1024)]
+    rng = np.random.default_rng(3)
+    for indices, limit in ((np.arange(20_000), 0), (np.arange(4000), 500), (rng.choice(20_000, 1000, replace=False), 125),
+                           (rng.choice(20_000, 200, replace=False), 64)):
+        tasks = plan_tasks(bounds, indices, limit)
+        cap = limit or TASK_PARTICLES
+        got = np.concatenate([s + loc for t in tasks for s, _, loc in t])
+        assert np.array_equal(got, np.sort(indices))  # every particle once, in store order
+        for t in tasks:
+            sizes = [len(loc) for _, _, loc in t]
+            for s, e, loc in t:
+                assert len(loc) and loc.min() >= 0 and loc.max() < e - s  # pieces lie inside their chunk
+            assert sum(sizes) <= cap or len(t) == 1  # packed tasks keep the limit; a lone piece is
+            assert max(sizes) <= 1.5 * cap  # at most the nearest whole number of pieces above it
+        if limit == 125:  # 1,000 particles spread over 20 chunks: about 8 tasks, not 20
+            assert len(tasks) <= 10
+    # 4,000 particles for 2 workers (tasks of about 500): chunks cut into equal halves
+    sizes = sorted(sum(len(p[2]) for p in t) for t in plan_tasks(bounds[:4], np.arange(4000), 500))
+    assert sizes == [464, 464, 512, 512, 512, 512, 512, 512]

@@ -3,8 +3,10 @@
 Each iteration the driver
 
 1. broadcasts the model (references, noise, priors: a few MB) to the workers once,
-2. submits one task per Zarr chunk holding particles of this iteration's (mini-)batch; the task
-   reads the chunk (or takes it from the worker's chunk cache), computes the CTFs, runs
+2. submits tasks over the Zarr chunks holding particles of this iteration's (mini-)batch (a
+   chunk, an equal part of one, or the few particles a sparse mini-batch draws from several
+   chunks packed together: :func:`plan_tasks`); the task reads its chunks (or takes them from
+   the worker's chunk cache), computes the CTFs, runs
    :func:`autospa.refinement.estep.expectation` and returns additive statistics plus the
    per-particle results,
 3. tree-reduces the statistics on the workers (pairwise ``+``), and gathers one
@@ -17,8 +19,10 @@ the calling process, which is what a one-process run and the tests of equality u
 Chunk cache: a worker keeps the float32 images of the chunks it has read (up to
 ``AUTOSPA_CHUNK_CACHE_MB``, default 15% of the machine's memory per process, least recently used
 first out), so iterations over the same particles read Zarr only the first time. A task that needs
-less than a quarter of a chunk (a mini-batch of a store much larger than the batch) reads only its
-particles and caches nothing, so memory stays bounded whatever the store's size. On a CUDA
+less than a quarter of a chunk of a store bigger than half the cache (a mini-batch of a store much
+larger than memory) reads only its particles and caches nothing, so memory stays bounded whatever
+the store's size. Cached chunks are keyed by the store's stamp (its image metadata's modification
+time), so a store written anew at the same path is read afresh. On a CUDA
 worker the chunk lives on the GPU: the Zarr read becomes a cupy array when cupy is installed,
 and is handed to torch through DLPack without a copy.
 """
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from autospa.io.zarr_store import read_store_chunk, read_store_images
+from autospa.io.zarr_store import read_store_chunk, read_store_images, store_images_info
 from autospa.numerics.ctf import ctf_2d
 from autospa.refinement.estep import EStepModel, ParticleBatch, ParticleResult, Sampling, expectation
 from autospa.refinement.statistics import SufficientStats
@@ -77,8 +81,9 @@ class ParticleTable:
 # --------------------------------------------------------------------------------------------
 # worker side
 
-#: A task caches its chunk when it uses at least this fraction of it; sparser reads (mini-batches
-#: drawn from a store much larger than the batch) read only their particles and keep nothing.
+#: A task caches its chunk when it uses at least this fraction of it, or when the whole store
+#: (as float32) fits in half the cache; sparser reads of bigger stores (mini-batches drawn from a
+#: store much larger than the cache) read only their particles and keep nothing.
 CACHE_MIN_FRACTION = 0.25
 
 
@@ -111,9 +116,19 @@ def _to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(images)
 
 
-def load_chunk(store_path: str, start: int, stop: int, device: torch.device) -> torch.Tensor:
-    """Images ``start:stop`` of a store as a float32 tensor on ``device``, through the cache."""
-    key = (str(store_path), int(start), int(stop), str(device))
+def _store_stamp_and_fits(store_path: str) -> tuple[int, bool]:
+    """The store's stamp (cached chunks of an older store at the same path are not reused) and
+    whether all its images fit in half the chunk cache."""
+    shape, stamp = store_images_info(store_path)
+    return stamp, 4 * math.prod(shape) <= _cache_limit() // 2
+
+
+def load_chunk(store_path: str, start: int, stop: int, device: torch.device, stamp: int | None = None) -> torch.Tensor:
+    """Images ``start:stop`` of a store as a float32 tensor on ``device``, through the cache
+    (``stamp``: the store's, :func:`~autospa.io.zarr_store.store_images_info`)."""
+    if stamp is None:
+        stamp = store_images_info(store_path)[1]
+    key = (str(store_path), stamp, int(start), int(stop), str(device))
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
@@ -156,9 +171,7 @@ def ctf_images(params: np.ndarray | None, n: int, box: int, pixel_size_a: float,
 
 def estep_task(
     store_path: str,
-    start: int,
-    stop: int,
-    local: np.ndarray,
+    pieces: Sequence[tuple[int, int, np.ndarray]],
     origin_px: np.ndarray,
     ctf_params: np.ndarray | None,
     premultiplied: np.ndarray | None,
@@ -172,12 +185,13 @@ def estep_task(
     torch_threads: int = 0,
     angles_deg: np.ndarray | None = None,
 ) -> tuple[SufficientStats, dict]:
-    """One map task: the E-step on particles ``start + local`` of a store chunk.
+    """One map task: the E-step on particles ``start + local`` of one or more store chunks.
 
     Parameters
     ----------
-    local
-        ``(n,)`` indices into the chunk.
+    pieces
+        ``[(start, stop, local), ...]``: chunk bounds and ``(n_i,)`` indices into the chunk
+        (:func:`plan_tasks`); the task's particles are the pieces' in this order.
     origin_px, ctf_params, premultiplied, group, half
         Per-particle values of those particles (``(n, 2)``, ``(n, 9)``, ``(n,)``...).
     angles_deg
@@ -192,12 +206,17 @@ def estep_task(
     if torch_threads > 0 and torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
     dev = _task_device(device)
-    local = np.asarray(local, dtype=np.int64)
-    if len(local) >= CACHE_MIN_FRACTION * (stop - start):
-        chunk = load_chunk(store_path, start, stop, dev)
-        images = chunk[torch.as_tensor(local, device=dev)]
-    else:  # a sparse mini-batch of a big store: read what is needed, keep nothing
-        images = _to_device(read_store_images(store_path, local + int(start)), dev)
+    stamp, fits = _store_stamp_and_fits(store_path)
+    parts, index = [], []
+    for start, stop, local in pieces:
+        local = np.asarray(local, dtype=np.int64)
+        if fits or len(local) >= CACHE_MIN_FRACTION * (stop - start):
+            chunk = load_chunk(store_path, start, stop, dev, stamp)
+            parts.append(chunk[torch.as_tensor(local, device=dev)])
+        else:  # a sparse mini-batch of a big store: read what is needed, keep nothing
+            parts.append(_to_device(read_store_images(store_path, local + int(start)), dev))
+        index.append(local + int(start))
+    images = parts[0] if len(parts) == 1 else torch.cat(parts)
     n, box, _ = images.shape
     ctf = ctf_images(ctf_params, n, box, pixel_size_a, dev)
     if premultiplied is not None and bool(np.any(premultiplied)):
@@ -213,7 +232,7 @@ def estep_task(
     )
     with torch.no_grad():
         stats, res = expectation(batch, model, sampling, mask.to(dev) if mask is not None else None)
-    out = {"index": np.asarray(local, dtype=np.int64) + int(start)}
+    out = {"index": np.concatenate(index)}
     for name in ParticleResult.__dataclass_fields__:
         out[name] = getattr(res, name).cpu().numpy()
     return stats.to("cpu"), out
@@ -231,8 +250,15 @@ def _concat(results: Sequence[dict]) -> dict:
 # driver side
 
 
-def plan_tasks(chunk_bounds: Sequence[tuple[int, int]], indices: np.ndarray, max_per_task: int = 0) -> list[tuple[int, int, np.ndarray]]:
-    """Group the particle ``indices`` (store order) by the chunk that holds them.
+def plan_tasks(chunk_bounds: Sequence[tuple[int, int]], indices: np.ndarray, max_per_task: int = 0
+               ) -> list[list[tuple[int, int, np.ndarray]]]:
+    """Group the particle ``indices`` (store order) into tasks of pieces of chunks.
+
+    Each chunk's particles are split into pieces of about ``max_per_task`` (the nearest whole
+    number of equal pieces); pieces smaller than that are then packed, in store order, into tasks
+    of at most ``max_per_task`` particles, so that a sparse mini-batch spread over many chunks
+    makes a few tasks rather than one small task per chunk (each task pays for its own
+    back-projection of the statistics).
 
     Parameters
     ----------
@@ -241,29 +267,46 @@ def plan_tasks(chunk_bounds: Sequence[tuple[int, int]], indices: np.ndarray, max
     indices
         ``(n,)`` store indices of this iteration's particles.
     max_per_task
-        Split a chunk's particles into tasks of at most this many (0: one task per chunk).
+        Particles per task (0: :data:`TASK_PARTICLES`).
 
     Returns
     -------
     list
-        ``(start, stop, local)`` per task, ``local`` the sorted indices within the chunk.
+        Tasks, each ``[(start, stop, local), ...]``, ``local`` the sorted indices within the chunk.
     """
+    limit = max_per_task if max_per_task > 0 else TASK_PARTICLES
     idx = np.sort(np.asarray(indices, dtype=np.int64))
     starts = np.array([b[0] for b in chunk_bounds], dtype=np.int64)
     which = np.searchsorted(starts, idx, side="right") - 1
-    tasks = []
+    pieces = []
     for c in np.unique(which):
         start, stop = chunk_bounds[int(c)]
         local = idx[which == c] - start
-        step = max_per_task if max_per_task > 0 else len(local)
-        for s in range(0, len(local), step):
-            tasks.append((int(start), int(stop), local[s : s + step]))
+        n_pieces = max(1, round(len(local) / limit))
+        pieces.extend((int(start), int(stop), part) for part in np.array_split(local, n_pieces))
+    tasks: list[list[tuple[int, int, np.ndarray]]] = []
+    size = 0
+    for piece in pieces:
+        if tasks and size + len(piece[2]) <= limit:
+            tasks[-1].append(piece)
+            size += len(piece[2])
+        else:
+            tasks.append([piece])
+            size = len(piece[2])
     return tasks
 
+
+#: Particles per task when nothing else decides (one process): a few chunks' worth, so that the
+#: per-task costs are paid rarely and the images of a task stay small (64 MB at 64 px).
+TASK_PARTICLES = 4096
 
 #: Smallest task the E-step is split into to keep every worker busy (fewer particles per task
 #: cost more in overhead than they gain).
 MIN_TASK_PARTICLES = 64
+#: Tasks per worker thread a small E-step is cut into: pieces of a quarter of a thread's share,
+#: submitted largest first, even out chunks of unequal size (with one task per thread, a thread
+#: idles while the largest chunk finishes).
+TASKS_PER_SLOT = 4
 
 
 def run_estep(
@@ -308,13 +351,14 @@ def run_estep(
         except Exception:  # noqa: BLE001 - a scheduler that cannot say: one task per chunk
             slots = 1
         if slots > 1:
-            max_per_task = max(MIN_TASK_PARTICLES, math.ceil(len(indices) / slots))
-    tasks = plan_tasks(chunk_bounds, indices, max_per_task)
+            max_per_task = max(MIN_TASK_PARTICLES, math.ceil(len(indices) / (TASKS_PER_SLOT * slots)))
+    # largest first: dask runs tasks in submission order, so the last to start are the shortest
+    tasks = sorted(plan_tasks(chunk_bounds, indices, max_per_task), key=lambda t: -sum(len(p[2]) for p in t))
 
-    def args_of(start: int, local: np.ndarray):
-        g = start + local
+    def args_of(task):
+        g = np.concatenate([start + local for start, _, local in task])
         return (
-            local,
+            task,
             origin_px[g],
             None if table.ctf_params is None else table.ctf_params[g],
             None if table.ctf_premultiplied is None else table.ctf_premultiplied[g],
@@ -322,23 +366,26 @@ def run_estep(
             table.half[g],
         )
 
-    def angles_of(start: int, local: np.ndarray):
-        return None if angles_deg is None else np.asarray(angles_deg[start + local], dtype=np.float32)
+    def angles_of(task):
+        if angles_deg is None:
+            return None
+        return np.asarray(angles_deg[np.concatenate([start + local for start, _, local in task])], dtype=np.float32)
 
     if client is None:
         stats, parts = None, []
-        for s, e, loc in tasks:  # a running sum: memory does not grow with the number of chunks
-            st, res = estep_task(store_path, s, e, *args_of(s, loc), table.pixel_size_a, model, sampling, mask, device,
-                                 torch_threads, angles_of(s, loc))
+        for task in tasks:  # a running sum: memory does not grow with the number of chunks
+            st, res = estep_task(store_path, *args_of(task), table.pixel_size_a, model, sampling, mask, device,
+                                 torch_threads, angles_of(task))
             stats = st if stats is None else stats + st
             parts.append(res)
         results = _concat(parts)
     else:
         model_f, mask_f = client.scatter([model, mask], broadcast=True, hash=False)
         futures = [
-            client.submit(estep_task, store_path, s, e, *args_of(s, loc), table.pixel_size_a, model_f, sampling, mask_f,
-                          device, torch_threads, angles_of(s, loc), pure=False, key=f"estep-{s}-{int(loc[0])}-{os.urandom(4).hex()}")
-            for s, e, loc in tasks
+            client.submit(estep_task, store_path, *args_of(task), table.pixel_size_a, model_f, sampling, mask_f,
+                          device, torch_threads, angles_of(task), pure=False,
+                          key=f"estep-{task[0][0]}-{int(task[0][2][0])}-{os.urandom(4).hex()}")
+            for task in tasks
         ]
         stat_f = [client.submit(lambda r: r[0], f, pure=False) for f in futures]
         res_f = [client.submit(lambda r: r[1], f, pure=False) for f in futures]
@@ -352,4 +399,4 @@ def run_estep(
     return stats, {k: v[order] for k, v in results.items()}
 
 
-__all__ = ["CTF_COLUMNS", "ParticleTable", "clear_chunk_cache", "ctf_images", "estep_task", "load_chunk", "plan_tasks", "run_estep"]
+__all__ = ["CTF_COLUMNS", "TASK_PARTICLES", "ParticleTable", "clear_chunk_cache", "ctf_images", "estep_task", "load_chunk", "plan_tasks", "run_estep"]

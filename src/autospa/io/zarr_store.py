@@ -425,6 +425,18 @@ def read_store_chunk(store_path: str | Path, start: int, stop: int) -> np.ndarra
     return np.asarray(arr[int(start) : int(stop)], dtype=np.float32)
 
 
+def store_images_info(store_path: str | Path) -> tuple[tuple[int, ...], int]:
+    """``(shape, stamp)`` of a store's image array: ``(N, box, box)`` and the modification time
+    (ns) of its metadata, which changes when a store is written anew at the same path."""
+    meta = Path(store_path) / "images" / "zarr.json"
+    try:
+        stamp = meta.stat().st_mtime_ns
+    except OSError as exc:
+        raise InputError(Path(store_path), "particle store not found or without images") from exc
+    arr = zarr.open_array(store=str(Path(store_path) / "images"), mode="r", zarr_format=3)
+    return tuple(int(v) for v in arr.shape), stamp
+
+
 def read_store_images(store_path: str | Path, indices: Sequence[int] | np.ndarray) -> np.ndarray:
     """Images at arbitrary particle ``indices`` of a store, as float32 (reads each chunk once).
 
@@ -552,5 +564,6 @@ __all__ = [
     "read_store_images",
     "read_store_metadata",
     "store_attrs",
+    "store_images_info",
     "write_store",
 ]

@@ -21,6 +21,7 @@ the cross term is one real GEMM ``(N*T, 2F) x (2F, K*R)`` and the norm term one 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -409,16 +410,15 @@ def expectation(
         samples and log-likelihood.
     """
     device = batch.images.device
-    model = model.to(device)
     n, box, _ = batch.images.shape
     k = model.ref_ft.shape[0]
     n_groups, n_shells = model.sigma2.shape
     pd = model.ref_ft.shape[-1]
     stats = SufficientStats.zeros(2, k, pd, device=device, n_groups=n_groups, n_shells=n_shells, ndim=model.ndim)
     if sampling.local_sigma_deg > 0:
-        return _expectation_local(batch, model, sampling, mask, stats, chunk_particles)
+        return _expectation_local(batch, model.to(device), sampling, mask, stats, chunk_particles)
 
-    prep = _prepare(model, sampling, box, device)
+    model, prep = _prepared(model, sampling, box, device)
     t_c, r_c = len(prep.trans_c), prep.n_coarse
     if chunk_particles is None:
         # floats of the largest blocks per particle: coarse (T, K*R) scores; fine (rows, cols)
@@ -546,6 +546,39 @@ class _Prepared:
 #: Largest table of all fine slices (complex values) kept for a whole E-step; bigger grids
 #: (fine 3D sampling) project the live columns of each chunk only.
 FINE_TABLE_MAX = 16_000_000
+
+
+#: The last few (model, sampling, box, device) -> (model on the device, _Prepared) of this
+#: process. A map task calls :func:`expectation` once per chunk with the model the driver
+#: broadcast for the iteration (one object per worker), so the projections, phases and fine
+#: table are made once per iteration and worker instead of once per task (a VDAM mini-batch
+#: spread over a large store touches a chunk with a few dozen particles in each of many tasks).
+_PREP_CACHE: list = []
+_PREP_CACHE_SIZE = 2  # refine3d alternates the two half-set models
+_PREP_LOCK = threading.Lock()
+
+
+def _prepared(model: EStepModel, sampling: Sampling, box: int, device) -> tuple[EStepModel, _Prepared]:
+    """``(model.to(device), _prepare(...))``, from the cache when this very model object (not an
+    equal one: models are not compared) was prepared with the same sampling, box and device."""
+    key = (sampling, box, str(device))
+    with _PREP_LOCK:
+        for i, (m, kk, value) in enumerate(_PREP_CACHE):
+            if m is model and kk == key:
+                _PREP_CACHE.append(_PREP_CACHE.pop(i))
+                return value
+    moved = model.to(device)
+    value = (moved, _prepare(moved, sampling, box, device))
+    with _PREP_LOCK:
+        _PREP_CACHE.append((model, key, value))
+        del _PREP_CACHE[:-_PREP_CACHE_SIZE]
+    return value
+
+
+def clear_prep_cache() -> None:
+    """Forget the prepared models of this process."""
+    with _PREP_LOCK:
+        _PREP_CACHE.clear()
 
 
 def _prepare(model: EStepModel, sampling: Sampling, box: int, device) -> _Prepared:
@@ -1029,6 +1062,7 @@ def _fine_pass(batch, sl, sig, n_sig, model, prep: _Prepared, stats, rounded, x_
 
     log_norm = torch.log(2 * math.pi / w_f).sum(-1)  # sum over the window of log(2 pi sigma2)
     ll = (mx.to(torch.float64) + torch.log(s_i)).to(xnorm_f.dtype) - log_norm
+    pending = []  # (half, data sums, weight sums) back-projected together: one stencil per column block
     for h in range(2):
         parts = half == h
         if not bool(parts.any()):
@@ -1038,11 +1072,14 @@ def _fine_pass(batch, sl, sig, n_sig, model, prep: _Prepared, stats, rounded, x_
             acc[0][h].index_add_(0, cols, bsum[h].to(acc[0].dtype))
             acc[1][h].index_add_(0, cols, f_h.to(acc[1].dtype))
         else:
-            d_h, w_h = _backproject_columns([bsum[h], f_h], cols, model, prep, box)
-            stats.data[h] += d_h.to(stats.data.dtype)
-            stats.weight[h] += w_h.to(stats.weight.dtype)
+            pending.append((h, bsum[h], f_h))
         stats.class_weight[h] += torch.zeros(k, dtype=torch.float64, device=device).index_add_(
             0, col_class, g_part[parts].sum(0, dtype=torch.float64))
+    if pending:
+        grids = _backproject_columns([v for _, d, w in pending for v in (d, w)], cols, model, prep, box)
+        for i, (h, _, _) in enumerate(pending):
+            stats.data[h] += grids[2 * i].to(stats.data.dtype)
+            stats.weight[h] += grids[2 * i + 1].to(stats.weight.dtype)
     # residual power |X_t - C A|^2 = |X|^2 - 2 C Re(X_t conj(A)) + C^2 |A|^2, posterior-weighted
     resid = (x_f.real**2 + x_f.imag**2) * g_part.sum(1, keepdim=True) - 2 * ctf_f * cross_pix + ctf_f**2 * (g_part @ a_pow)
     _add_noise_power(stats, group, resid, x_mask, idx_f, idx_m, freqs_all, shells_all)
