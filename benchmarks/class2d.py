@@ -78,6 +78,7 @@ def bench_estep(args) -> dict:
         sampling = es.Sampling(psi_step_deg=args.psi_step, offset_step_px=args.offset_step, max_significants=5 * args.K)
         es.expectation(es.ParticleBatch(*(t[:64] for t in (batch.images, batch.ctf, batch.origin_px, batch.group, batch.half))),
                           model, sampling, mask)  # warm-up
+        es.clear_prep_cache()  # the timed call prepares its model (projections, phases) as a task does
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
