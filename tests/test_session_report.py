@@ -25,6 +25,7 @@ from autospa.io.preprocess_files import read_coordinate_index, read_coordinates
 from autospa.io.scheme_files import read_pipeline, write_exit_status, write_job_template
 from autospa.io.session_files import link_movies, read_session_json
 from autospa.io.star import read_star
+from autospa.report import class_gallery as cg
 from autospa.report import session_report as sr
 from autospa.scheme.model import JobTemplate
 
@@ -255,7 +256,8 @@ def test_report_of_a_whole_run_shows_the_numbers_of_its_files(project: Path, tmp
     assert _png_shape(out / "picks.png") == (600, 600)  # a square micrograph
     assert _png_shape(out / "timing.png") == (round(100 * (1.2 + 0.35 * len(stages))), 800)
     k = len(model)
-    assert _png_shape(out / "class_gallery.png") == (round((1.8 + 0.4) * 80), round(1.6 * k * 80))
+    cell_h, cell_w = cg.TILE_PX + cg.LABEL_PX + 2 * cg.MARGIN_PX, cg.TILE_PX + 2 * cg.MARGIN_PX
+    assert _png_shape(out / "class_gallery.png") == (cell_h + 24, k * cell_w)  # one row of k tiles under a title
 
 
 def test_map_slices_are_the_central_planes() -> None:
