@@ -356,7 +356,7 @@ def run_estep(
     tasks = sorted(plan_tasks(chunk_bounds, indices, max_per_task), key=lambda t: -sum(len(p[2]) for p in t))
 
     def args_of(task):
-        g = np.concatenate([start + local for start, _, local in task])
+        g = np.concatenate([start + local for start, _, local in task])  # store indices, task order
         return (
             task,
             origin_px[g],
@@ -364,29 +364,24 @@ def run_estep(
             None if table.ctf_premultiplied is None else table.ctf_premultiplied[g],
             table.group[g],
             table.half[g],
-        )
-
-    def angles_of(task):
-        if angles_deg is None:
-            return None
-        return np.asarray(angles_deg[np.concatenate([start + local for start, _, local in task])], dtype=np.float32)
+            table.pixel_size_a,
+        ), None if angles_deg is None else np.asarray(angles_deg[g], dtype=np.float32)
 
     if client is None:
         stats, parts = None, []
         for task in tasks:  # a running sum: memory does not grow with the number of chunks
-            st, res = estep_task(store_path, *args_of(task), table.pixel_size_a, model, sampling, mask, device,
-                                 torch_threads, angles_of(task))
+            args, angles = args_of(task)
+            st, res = estep_task(store_path, *args, model, sampling, mask, device, torch_threads, angles)
             stats = st if stats is None else stats + st
             parts.append(res)
         results = _concat(parts)
     else:
         model_f, mask_f = client.scatter([model, mask], broadcast=True, hash=False)
-        futures = [
-            client.submit(estep_task, store_path, *args_of(task), table.pixel_size_a, model_f, sampling, mask_f,
-                          device, torch_threads, angles_of(task), pure=False,
-                          key=f"estep-{task[0][0]}-{int(task[0][2][0])}-{os.urandom(4).hex()}")
-            for task in tasks
-        ]
+        futures = []
+        for task in tasks:
+            args, angles = args_of(task)
+            futures.append(client.submit(estep_task, store_path, *args, model_f, sampling, mask_f, device, torch_threads, angles,
+                                         pure=False, key=f"estep-{task[0][0]}-{int(task[0][2][0])}-{os.urandom(4).hex()}"))
         stat_f = [client.submit(lambda r: r[0], f, pure=False) for f in futures]
         res_f = [client.submit(lambda r: r[1], f, pure=False) for f in futures]
         while len(stat_f) > 1:  # tree reduction on the workers
