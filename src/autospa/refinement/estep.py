@@ -337,44 +337,40 @@ def log_row_threshold(logw: torch.Tensor, fraction: float, cap: int = 0) -> tupl
         ``(N,)`` log-weight thresholds and ``(N,)`` row maxima.
     """
     n, m = logw.shape
-    k = cap if 0 < cap < m else min(m, ROW_THRESHOLD_TOPK)
+    capped = 0 < cap < m
+    k = cap if capped else min(m, ROW_THRESHOLD_TOPK)
     vals = torch.topk(logw, k, dim=1, sorted=True).values  # (N, k) descending
     mx = vals[:, 0]
     e = torch.exp((vals - mx[:, None]).to(torch.float64))
     csum = torch.cumsum(e, 1)
     lower = csum[:, -1]
     upper = lower + (m - k) * e[:, -1]  # bound of the mass outside the k largest
-    tol = fraction * (1 - 1e-12)
-
-    def first(total: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # index reaching fraction
-        return (c < tol * total[:, None]).sum(1)
-
-    capped = 0 < cap < m
     last = k - 1 if capped else k  # with a cap the walk stops at the k-th; without, k means "sort"
-    j = first(lower, csum).clamp_max(last)
-    open_rows = torch.nonzero(first(upper, csum).clamp_max(last) != j).squeeze(1)
+    j = _reach(csum, lower, fraction).clamp_max(last)
+    open_rows = torch.nonzero(_reach(csum, upper, fraction).clamp_max(last) != j).squeeze(1)
     if len(open_rows):  # the bound does not decide: the rows' exact mass
         sub = logw if len(open_rows) == n else logw[open_rows]
         exact = torch.exp(sub - mx[open_rows, None]).sum(1, dtype=torch.float64)
-        j[open_rows] = first(exact, csum[open_rows]).clamp_max(last)
-        if not capped:
-            short = open_rows[j[open_rows] >= k]
-            if len(short):  # the k largest do not hold the fraction: a full sort of those rows
-                srt = torch.sort(logw[short], dim=1, descending=True).values
-                c_full = torch.cumsum(torch.exp((srt - mx[short, None]).to(torch.float64)), 1)
-                j_full = first(c_full[:, -1], c_full).clamp_max(m - 1)
-                thr_short = srt.gather(1, j_full[:, None]).squeeze(1)
+        j[open_rows] = _reach(csum[open_rows], exact, fraction).clamp_max(last)
     thr = vals.gather(1, j.clamp_max(k - 1)[:, None]).squeeze(1)
-    if len(open_rows) and not capped and len(short):
-        thr[short] = thr_short
+    short = torch.nonzero(j >= k).squeeze(1)  # (no cap) the k largest do not hold the fraction
+    if len(short):  # a full sort of those rows
+        srt = torch.sort(logw[short], dim=1, descending=True).values
+        c_full = torch.cumsum(torch.exp((srt - mx[short, None]).to(torch.float64)), 1)
+        thr[short] = srt.gather(1, _reach(c_full, c_full[:, -1], fraction).clamp_max(m - 1)[:, None]).squeeze(1)
     return torch.maximum(thr, mx - 100.0), mx
+
+
+def _reach(csum: torch.Tensor, total: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Index of the first entry of each row of cumulative sums ``csum`` (N, k) that reaches
+    ``fraction`` of the row's ``total`` (N,); ``k`` where none does."""
+    return (csum < fraction * total[:, None] * (1 - 1e-12)).sum(1)
 
 
 def _walk(srt: torch.Tensor, total: torch.Tensor, fraction: float) -> torch.Tensor:
     """Threshold of each row of descending weights ``srt`` (N, k) reaching ``fraction`` of
     ``total`` (N, 1), or the last of the ``k`` when they do not reach it."""
-    csum = torch.cumsum(srt.to(torch.float64), 1)
-    first = (csum < fraction * total * (1 - 1e-12)).sum(1).clamp_max(srt.shape[1] - 1)
+    first = _reach(torch.cumsum(srt.to(torch.float64), 1), total[:, 0], fraction).clamp_max(srt.shape[1] - 1)
     return srt.gather(1, first[:, None]).squeeze(1)
 
 
@@ -549,7 +545,7 @@ FINE_TABLE_MAX = 16_000_000
 
 
 #: The last few (model, sampling, box, device) -> (model on the device, _Prepared) of this
-#: process. A map task calls :func:`expectation` once per chunk with the model the driver
+#: process. A map task calls :func:`expectation` once with the model the driver
 #: broadcast for the iteration (one object per worker), so the projections, phases and fine
 #: table are made once per iteration and worker instead of once per task (a VDAM mini-batch
 #: spread over a large store touches a chunk with a few dozen particles in each of many tasks).
