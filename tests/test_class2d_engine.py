@@ -105,6 +105,34 @@ def test_log_row_threshold_selects_what_row_threshold_selects():
             assert torch.equal(logw >= thr[:, None], expect), (fraction, cap)
 
 
+def test_significant_entries_are_the_thresholded_entries():
+    """The sparse selection (candidates near the row maximum, a bound on the rest; the top-k rule
+    for broad or undecided rows) lists exactly the entries at or above log_row_threshold."""
+    g = torch.Generator().manual_seed(6)
+    m = 3 * es.CANDIDATE_MAX
+    rows = [
+        -torch.rand(m, generator=g) * 2000,  # sharp: few candidates
+        -torch.rand(m, generator=g) * 60,  # about half the row within the candidate depth
+        -torch.rand(m, generator=g) * 0.5,  # broad: more candidates than CANDIDATE_MAX
+        torch.where(torch.rand(m, generator=g) < 0.5, -torch.inf, -torch.rand(m, generator=g) * 300),  # -inf entries
+        torch.cat([torch.zeros(3), torch.full((m - 3,), -31.0)]),  # a tail just below the depth holds mass
+    ]
+    logw = torch.stack(rows * 3)[torch.randperm(15, generator=g)] - 3.0
+    for fraction in (0.9, 0.999):
+        for cap in (0, 60, 5000):
+            thr, _ = es.log_row_threshold(logw, fraction, cap)
+            expect = torch.nonzero(logw >= thr[:, None], as_tuple=True)
+            got = es.significant_entries(logw, fraction, cap)
+            assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1]), (fraction, cap)
+    # undecided by the bound: the tail below the depth moves the fraction past the first entry
+    row = torch.cat([torch.tensor([math.log(0.9), math.log(0.1)], dtype=torch.float64),
+                     torch.full((m - 2,), -30.5, dtype=torch.float64)])
+    w = torch.exp(row)
+    assert w[0] < 0.9 * w.sum() * (1 - 1e-12) and w[0] >= 0.9 * w[:2].sum() * (1 - 1e-12)
+    got = es.significant_entries(row[None], 0.9)
+    assert torch.equal(got[1], torch.tensor([0, 1]))
+
+
 def test_estep_finds_true_poses_and_posteriors_sum_to_one(sim):
     mask = circular_mask(BOX, 25)
     _, model = _true_model(sim, mask)

@@ -277,6 +277,12 @@ def _phases(freqs: torch.Tensor, shifts: torch.Tensor, box: int) -> torch.Tensor
     return torch.polar(torch.ones_like(ang), ang)
 
 
+#: Log-weights (relative to their maximum) are clamped here before ``exp``: below it float32
+#: results are denormal or 0 and the CPU's exp takes a slow path (5 to 13 times slower); a
+#: weight of ``e^-87`` (about 1.6e-38) instead of less changes no sum, threshold or posterior.
+EXP_FLOOR = -87.0
+
+
 def row_threshold(weights: torch.Tensor, fraction: float, cap: int = 0) -> torch.Tensor:
     """Per-row weight threshold holding ``fraction`` of the row's mass (RELION's significance rule).
 
@@ -348,9 +354,18 @@ def log_row_threshold(logw: torch.Tensor, fraction: float, cap: int = 0) -> tupl
     last = k - 1 if capped else k  # with a cap the walk stops at the k-th; without, k means "sort"
     j = _reach(csum, lower, fraction).clamp_max(last)
     open_rows = torch.nonzero(_reach(csum, upper, fraction).clamp_max(last) != j).squeeze(1)
-    if len(open_rows):  # the bound does not decide: the rows' exact mass
+    if len(open_rows):  # tighter bounds from the count of entries within 1 of the k-th
         sub = logw if len(open_rows) == n else logw[open_rows]
-        exact = torch.exp(sub - mx[open_rows, None]).sum(1, dtype=torch.float64)
+        c_o, e_k = csum[open_rows], e[open_rows, -1]
+        n_mid = ((sub >= (vals[open_rows, -1] - 1.0)[:, None]).sum(1, dtype=torch.int32) - k).to(torch.float64)
+        lo = c_o[:, -1] + n_mid * e_k * math.exp(-1.0)
+        hi = c_o[:, -1] + n_mid * e_k + (m - k - n_mid) * e_k * math.exp(-1.0)
+        j_lo = _reach(c_o, lo, fraction).clamp_max(last)
+        done = j_lo == _reach(c_o, hi, fraction).clamp_max(last)
+        j[open_rows[done]] = j_lo[done]
+        sub, open_rows = sub[~done], open_rows[~done]
+    if len(open_rows):  # the bounds do not decide: the rows' exact mass
+        exact = torch.exp((sub - mx[open_rows, None]).clamp_min(EXP_FLOOR)).sum(1, dtype=torch.float64)
         j[open_rows] = _reach(csum[open_rows], exact, fraction).clamp_max(last)
     thr = vals.gather(1, j.clamp_max(k - 1)[:, None]).squeeze(1)
     short = torch.nonzero(j >= k).squeeze(1)  # (no cap) the k largest do not hold the fraction
@@ -359,6 +374,68 @@ def log_row_threshold(logw: torch.Tensor, fraction: float, cap: int = 0) -> tupl
         c_full = torch.cumsum(torch.exp((srt - mx[short, None]).to(torch.float64)), 1)
         thr[short] = srt.gather(1, _reach(c_full, c_full[:, -1], fraction).clamp_max(m - 1)[:, None]).squeeze(1)
     return torch.maximum(thr, mx - 100.0), mx
+
+
+#: Log-weights within this of their row's maximum are the candidates :func:`significant_entries`
+#: sorts; the rest (weights below ``e^-30`` of the maximum) enter only through a bound on their mass.
+CANDIDATE_DEPTH = 30.0
+#: Rows with more candidates than this go through :func:`log_row_threshold` (broad posteriors).
+CANDIDATE_MAX = 4096
+
+
+def significant_entries(logw: torch.Tensor, fraction: float, cap: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries ``logw >= log_row_threshold(logw, fraction, cap)[0][:, None]`` as index lists,
+    from three passes over ``logw`` (row maxima; candidates per row; the candidates of the rows
+    with few) and without a dense mask or a top-k of every row.
+
+    Only entries within :data:`CANDIDATE_DEPTH` of their row's maximum can be significant when
+    they hold the fraction: each row's candidates are sorted and summed, the mass of the rest is
+    bounded by their count times ``e^-depth``, and the row is decided when the cumulative sum
+    reaches the fraction at the same candidate for the lower and the upper total (sharp
+    posteriors: nearly always). Rows with more than :data:`CANDIDATE_MAX` candidates and undecided
+    rows go through :func:`log_row_threshold`; the selection is the same either way.
+
+    Parameters
+    ----------
+    logw
+        ``(N, M)`` log-weights (``-inf`` allowed, at least one finite per row).
+
+    Returns
+    -------
+    rows, cols
+        ``(S,)`` each: the significant entries, sorted by row and then column.
+    """
+    n, m = logw.shape
+    mx = logw.amax(1)
+    floor = mx - CANDIDATE_DEPTH
+    cnt = (logw >= floor[:, None]).sum(1, dtype=torch.int32).long()  # (a bool sum to int64 is slow on CPU)
+    small = cnt <= CANDIDATE_MAX
+    # candidates of the rows with few (row-major order); a broad row's floor is above its maximum
+    c_r, c_c = torch.nonzero(logw >= torch.where(small, floor, torch.inf)[:, None], as_tuple=True)
+    width = max(1, int(cnt[small].max()) if bool(small.any()) else 1)
+    start = torch.cumsum(cnt * small, 0) - cnt * small
+    pos = torch.arange(len(c_r), device=logw.device) - start[c_r]
+    pad = torch.full((n, width), -torch.inf, dtype=logw.dtype, device=logw.device)
+    pad[c_r, pos] = logw[c_r, c_c]
+    srt = torch.sort(pad, dim=1, descending=True).values
+    csum = torch.cumsum(torch.exp((srt - mx[:, None]).to(torch.float64)), 1)
+    lower = csum[:, -1]
+    upper = lower + (m - cnt).to(torch.float64) * math.exp(-CANDIDATE_DEPTH)
+    last = cap - 1 if 0 < cap < m else width
+    j = _reach(csum, lower, fraction).clamp_max(last)
+    decided = small & (j == _reach(csum, upper, fraction).clamp_max(last)) & (j < cnt)
+    thr = srt.gather(1, j.clamp_max(width - 1)[:, None]).squeeze(1)
+    sel = decided[c_r] & (logw[c_r, c_c] >= thr[c_r])
+    rows, cols = c_r[sel], c_c[sel]
+    rest = torch.nonzero(~decided).squeeze(1)
+    if len(rest):  # broad or undecided rows: the top-k rule and, where needed, the exact mass
+        sub = logw[rest]
+        t_rest, _ = log_row_threshold(sub, fraction, cap)
+        r_r, r_c = torch.nonzero(sub >= t_rest[:, None], as_tuple=True)
+        rows, cols = torch.cat([rows, rest[r_r]]), torch.cat([cols, r_c])
+        order = torch.argsort(rows * m + cols)
+        rows, cols = rows[order], cols[order]
+    return rows, cols
 
 
 def _reach(csum: torch.Tensor, total: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -429,21 +506,61 @@ def expectation(
     # per-column sums of the whole call, back-projected once at the end when they fit
     acc = None
     if n > chunk_particles and n_cols * len(prep.idx_m) <= ACCUMULATE_MAX:
-        acc = (torch.zeros(2, n_cols, len(prep.idx_m), dtype=torch.complex64, device=device),
-               torch.zeros(2, n_cols, len(prep.idx_m), dtype=torch.float32, device=device))
+        acc = _ColumnSums(n_cols, len(prep.idx_m), device)
     results = []
     for start in range(0, n, chunk_particles):
         sl = slice(start, min(n, start + chunk_particles))
         sub = batch.subset(sl)
         results.extend(_expectation_chunk(sub, model, sampling, mask, prep, stats, acc))
     if acc is not None:
-        used = torch.nonzero((acc[1] != 0).any(-1).any(0)).squeeze(1)
-        grids = _backproject_columns([acc[0][0, used], acc[0][1, used], acc[1][0, used], acc[1][1, used]], used, model, prep, box)
+        acc.flush()
+        used = torch.nonzero((acc.weight != 0).any(-1).any(0)).squeeze(1)
+        grids = _backproject_columns([acc.data[0, used], acc.data[1, used], acc.weight[0, used], acc.weight[1, used]],
+                                     used, model, prep, box)
         for h in range(2):
             stats.data[h] += grids[h].to(stats.data.dtype)
             stats.weight[h] += grids[2 + h].to(stats.weight.dtype)
     res = ParticleResult(*[torch.cat([getattr(r, f) for r in results]) for f in ParticleResult.__dataclass_fields__])
     return stats, res
+
+
+class _ColumnSums:
+    """Per fine column sums of one E-step call on the statistics window, back-projected once
+    at the end: posterior-weighted data ``data (2, L, Fm)`` (added by the fine passes in place)
+    and weights ``weight (2, L, Fm)``, the latter as GEMMs of the posteriors per particle and
+    column with the particles' CTF^2/sigma2 over many particles at once (:meth:`add_weights`
+    keeps them until :data:`COLUMN_SUMS_PENDING` values wait)."""
+
+    def __init__(self, n_cols: int, fm: int, device):
+        self.data = torch.zeros(2, n_cols, fm, dtype=torch.complex64, device=device)
+        self.weight = torch.zeros(2, n_cols, fm, dtype=torch.float32, device=device)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._size = 0
+
+    def add_weights(self, g_part: torch.Tensor, cols: torch.Tensor, c2: torch.Tensor, half: torch.Tensor) -> None:
+        """``g_part (N, L)`` posteriors of the columns ``cols (L,)``; ``c2 (N, Fm)``; ``half (N,)``."""
+        self._pending.append((g_part, cols, c2, half))
+        self._size += g_part.shape[0] * self.weight.shape[1]
+        if self._size > COLUMN_SUMS_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        n_cols = self.weight.shape[1]
+        g = torch.cat([torch.zeros(gp.shape[0], n_cols, dtype=gp.dtype, device=gp.device).index_copy_(1, c, gp)
+                       for gp, c, _, _ in self._pending])
+        c2 = torch.cat([p[2] for p in self._pending])
+        half = torch.cat([p[3] for p in self._pending])
+        self._pending, self._size = [], 0
+        for h in range(2):
+            parts = torch.nonzero(half == h).squeeze(1)
+            if len(parts):
+                self.weight[h] += (g[parts].T @ c2[parts]).to(self.weight.dtype)
+
+
+#: Posterior values (particles x columns) :class:`_ColumnSums` keeps before its weight GEMMs.
+COLUMN_SUMS_PENDING = 8_000_000
 
 
 #: Largest per-column accumulator (columns x statistics-window pixels) of one E-step call.
@@ -537,6 +654,7 @@ class _Prepared:
     f_m: torch.Tensor  # (Fm, 2)
     step: float
     channels: torch.Tensor | None = None  # (1, 2K, PD, ...) real view of the references (slices.channels)
+    dc_m: int = 0  # place of DC in the statistics window (the fine window is the rest, in order)
 
 
 #: Largest table of all fine slices (complex values) kept for a whole E-step; bigger grids
@@ -604,6 +722,7 @@ def _prepare(model: EStepModel, sampling: Sampling, box: int, device) -> _Prepar
     prep = _Prepared(r_c, n_ch, trans_c, idx_c, a_c, a_c_aug, _phases(f_c, trans_c, box), fine_angles, fine_mats, idx_f, f_f, None,
                      trans_f, _phases(f_f, trans_f, box), _phases(freqs_all[idx_m], trans_f, box), idx_m, freqs_all[idx_m], step,
                      channels)
+    prep.dc_m = int(torch.nonzero((prep.f_m == 0).all(-1))[0, 0])
     if k * r_c * n_ch * len(idx_f) <= FINE_TABLE_MAX:
         prep.fine_table = _fine_columns(model, prep, torch.arange(k * r_c * n_ch, device=device), box)
     return prep
@@ -644,6 +763,21 @@ def _backproject_columns(values: list[torch.Tensor], cols: torch.Tensor, model: 
         for o, v in zip(out, values):
             o += slices.scatter_columns(v[s : s + COLUMN_BLOCK], c // rc, st, k)
     return [slices.hermitian_complete(o, model.ndim) for o in out]
+
+
+def _with_dc(z: torch.Tensor, dc: int) -> torch.Tensor:
+    """Values ``(..., Ff)`` on the fine window to the statistics window ``(..., Ff + 1)``: a 0 at
+    DC's place ``dc`` (the fine window is the statistics window without DC)."""
+    out = z.new_empty(z.shape[:-1] + (z.shape[-1] + 1,))
+    out[..., :dc] = z[..., :dc]
+    out[..., dc] = 0
+    out[..., dc + 1 :] = z[..., dc:]
+    return out
+
+
+def _without_dc(z: torch.Tensor, dc: int) -> torch.Tensor:
+    """Inverse of :func:`_with_dc`: ``(..., Fm)`` on the statistics window to the fine window."""
+    return torch.cat([z[..., :dc], z[..., dc + 1 :]], -1)
 
 
 def _flat_real(z: torch.Tensor) -> torch.Tensor:
@@ -691,7 +825,7 @@ def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, co
         logw.masked_fill_(~colmask, -torch.inf)
         row_max, row_arg = logw.max(1)
         mx = torch.full((n,), -torch.inf, device=device, dtype=logw.dtype).scatter_reduce(0, row_p, row_max, reduce="amax")
-        gam = torch.exp(logw - mx[row_p, None])
+        gam = torch.exp((logw - mx[row_p, None]).clamp_min(EXP_FLOOR)).masked_fill_(~colmask, 0)
         del logw, cross
         s_i = torch.zeros(n, device=device, dtype=torch.float64).index_add_(0, row_p, gam.sum(1, dtype=torch.float64))
         gam /= s_i[row_p, None].to(gam.dtype)
@@ -706,7 +840,7 @@ def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, co
         logw = cross[e_u, e_c] - 0.5 * (xnorm_f[e_p] + norm_f[e_p, e_c]) + row_logoff[e_u] + col_prior[e_c]
         del cross
         mx = torch.full((n,), -torch.inf, device=device, dtype=logw.dtype).scatter_reduce(0, e_p, logw, reduce="amax")
-        g_e = torch.exp(logw - mx[e_p])
+        g_e = torch.exp((logw - mx[e_p]).clamp_min(EXP_FLOOR))
         s_i = torch.zeros(n, device=device, dtype=torch.float64).index_add_(0, e_p, g_e.to(torch.float64))
         g_e = (g_e.to(torch.float64) / s_i[e_p]).to(logw.dtype)
         gmax = torch.zeros(n, device=device, dtype=g_e.dtype).scatter_reduce(0, e_p, g_e, reduce="amax")
@@ -724,7 +858,7 @@ def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, co
             continue
         qr = q0[row_p[rows]] * prep.ph_m[row_tf[rows]]  # (U_h, Fm)
         g_h = gam[rows]
-        bsum[h] += _weighted_sum(g_h.T, qr)
+        bsum[0][h].index_add_(0, bsum[1], _weighted_sum(g_h.T, qr).to(bsum[0].dtype))
     m_rows = _weighted_sum(gam, a_cols)  # (U, Ff) posterior-mean reference
     cross_pix = torch.zeros_like(x_f.real).index_add_(0, row_p, (x_f[row_p] * ph_rows * torch.conj(m_rows)).real)
     return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, gam.sum(1, dtype=torch.float64)
@@ -776,7 +910,8 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
         ``mx, s_i (N,)``: max log-weight and sum of weights per particle; ``best_row (N,)`` index
         into the rows, ``best_col (N,)`` column; ``gmax (N,)``; ``g_part (N, K*2R)`` posterior per
         particle and column; ``cross_pix (N, Ff)`` posterior-weighted ``Re(X_t conj(A))``;
-        ``g_rows (U,)`` posterior per row. The data sums are added to ``bsum (2, K*2R, Fm)``.
+        ``g_rows (U,)`` posterior per row. The data sums are added to ``bsum[0] (2, L', Fm)`` at the
+        columns ``bsum[1][c]`` of the pass's columns ``c``.
     """
     device = pw_f.device
     n_rows, n_cols = colmask.shape
@@ -813,15 +948,17 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
         emask = colmask[rows_c[:, :, None], cols[:, None, :]] & row_ok[:, :, None] & col_ok[:, None, :]  # (nb, u, c)
 
         # Re(P ph_u conj(A_c)) = Re(ph_u conj(A_c conj(P))): the image weights go onto the (fewer)
-        # columns, so no (rows, Ff) product is formed
-        ph = prep.ph_f[row_tf[rows_c]]  # (nb, u, Ff)
+        # columns, so no (rows, Ff) product is formed. The rows' phases are taken on the
+        # statistics window (the fine window and DC; the columns are 0 at DC), so that one
+        # gather and one weighted sum (G^T ph) serve the scores, the data sums and the residuals.
+        ph = prep.ph_m[row_tf[rows_c]]  # (nb, u, Fm)
         a_blk = a_cols[cols]  # (nb, c, Ff)
-        logw = _real_bmm(ph, a_blk * torch.conj(pw_f[pb, None, :]))
+        logw = _real_bmm(ph, _with_dc(a_blk * torch.conj(pw_f[pb, None, :]), prep.dc_m))
         logw -= 0.5 * (xnorm_f[pb, None, None] + norm_f[pb[:, None], cols][:, None, :])
         logw += row_logoff[rows_c][:, :, None] + col_prior[cols][:, None, :]
         logw.masked_fill_(~emask, -torch.inf)
         m_b, arg = logw.reshape(nb, -1).max(1)
-        gam = torch.exp(logw - m_b[:, None, None])  # (nb, u, c); dead entries 0
+        gam = torch.exp((logw - m_b[:, None, None]).clamp_min(EXP_FLOOR)).masked_fill_(~emask, 0)  # (nb, u, c)
         del logw
         s_b = gam.sum((1, 2), dtype=torch.float64)
         gam /= s_b[:, None, None].to(gam.dtype)
@@ -833,37 +970,34 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
         # posterior per particle and column, per row
         g_part[pb] = torch.zeros(nb, n_cols, device=device, dtype=gam.dtype).scatter_add_(1, cols, gam.sum(1))
         g_rows[rows_c[row_ok]] = gam.sum(2, dtype=torch.float64)[row_ok]
-        gt = gam.transpose(1, 2)  # (nb, c, u)
+        g_ph = _weighted_sum(gam.transpose(1, 2), ph)  # (nb, c, Fm): (G^T ph)[c]
         # data sums: Z[i, c] = sum_u G[i, u, c] Q[i] ph_u = Q[i] (G^T ph)[c], scattered to the
         # columns' rows of bsum
-        z = q0[pb, None, :] * _weighted_sum(gt, prep.ph_m[row_tf[rows_c]])  # (nb, c, Fm)
-        key = half[pb, None] * n_cols + cols  # (nb, c)
-        bsum.view(-1, bsum.shape[-1]).index_add_(0, key[col_ok], z[col_ok])
-        del z
+        key = half[pb, None] * bsum[0].shape[1] + bsum[1][cols]  # (nb, c)
+        bsum[0].view(-1, bsum[0].shape[-1]).index_add_(0, key[col_ok], (q0[pb, None, :] * g_ph)[col_ok].to(bsum[0].dtype))
         # posterior-weighted Re(X ph_u conj(A_c)) = Re(X sum_c conj(A_c) (G^T ph)[c]) for the
         # residual power (padded rows and columns have zero posterior)
-        g_ph = _weighted_sum(gt, ph)  # (nb, c, Ff)
-        cross_pix[pb] = (x_f[pb] * (torch.conj(a_blk) * g_ph).sum(1)).real.to(rdt)
+        cross_pix[pb] = (x_f[pb] * (torch.conj(a_blk) * _without_dc(g_ph, prep.dc_m)).sum(1)).real.to(rdt)
     return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, g_rows
 
 
-def _fine_sparse(n, sig, live_c, par_key, n_t, pw_f, norm_f, xnorm_f, rounded, s_off2, col_prior, x_f, q0, half, bsum,
-                 prep, a_cols):
+def _fine_sparse(n, hp, ht, lc, row_of, n_par, n_lc, pw_f, norm_f, xnorm_f, rounded, s_off2, col_prior, x_f, q0, half,
+                 bsum, prep, a_cols):
     """Fine pass hypothesis by hypothesis: the children of each significant coarse
     (translation, class, orientation) are scored as a small (4 translations x C orientations)
     GEMM, batched over the hypotheses (RELION's own scheme). The work follows the number of
     significant hypotheses, not the product of a particle's live rows and columns.
 
-    Returns the same tuple as :func:`_fine_blocks` (rows: ``par_key`` order x 4 children).
+    ``hp, ht, lc (S,)``: the hypotheses' particle, coarse translation and local coarse column
+    (sorted by particle), ``row_of (S,)`` their parent row (of ``n_par``); ``n_lc`` live coarse
+    columns. Returns the same tuple as :func:`_fine_blocks` (rows: parent rows x 4 children).
     """
     device = pw_f.device
     n_ch = prep.n_children
-    hp, ht, hc = torch.nonzero(sig, as_tuple=True)  # hypotheses, sorted by particle
     n_hyp = len(hp)
-    lc = torch.searchsorted(live_c, hc)  # local coarse column
     kids = torch.arange(n_ch, device=device)
     four = torch.arange(4, device=device)
-    n_cols = len(live_c) * n_ch
+    n_cols = n_lc * n_ch
     logw = torch.empty(n_hyp, 4, n_ch, dtype=pw_f.real.dtype, device=device)
     ff = pw_f.shape[1]
     step = max(1, 64_000_000 // max(1, (4 + n_ch) * ff * 4))
@@ -882,7 +1016,7 @@ def _fine_sparse(n, sig, live_c, par_key, n_t, pw_f, norm_f, xnorm_f, rounded, s
     flat = logw.reshape(n_hyp, -1)
     hmax, harg = flat.max(1)
     mx = torch.full((n,), -torch.inf, device=device, dtype=flat.dtype).scatter_reduce(0, hp, hmax, reduce="amax")
-    gam = torch.exp(logw - mx[hp][:, None, None])
+    gam = torch.exp((logw - mx[hp][:, None, None]).clamp_min(EXP_FLOOR))
     s_i = torch.zeros(n, device=device, dtype=torch.float64).index_add_(0, hp, gam.sum((1, 2), dtype=torch.float64))
     gam = (gam.to(torch.float64) / s_i[hp][:, None, None]).to(logw.dtype)
     # best entry per particle
@@ -892,14 +1026,13 @@ def _fine_sparse(n, sig, live_c, par_key, n_t, pw_f, norm_f, xnorm_f, rounded, s
     best_h = torch.full((n,), n_hyp, device=device, dtype=torch.long).scatter_reduce(
         0, hp, torch.where(gh >= gmax[hp], h_idx, torch.full_like(h_idx, n_hyp)), reduce="amin")
     b_t, b_c = harg[best_h] // n_ch, harg[best_h] % n_ch
-    row_of = torch.searchsorted(par_key, hp * n_t + ht)  # parent row of each hypothesis
     best_row = row_of[best_h] * 4 + b_t
     best_col = lc[best_h] * n_ch + b_c
     # statistics
     col_all = lc[:, None] * n_ch + kids  # (S, C)
     g_part = torch.zeros(n * n_cols, device=device, dtype=gam.dtype).index_add_(
         0, (hp[:, None] * n_cols + col_all).reshape(-1), gam.sum(1).reshape(-1)).reshape(n, n_cols)
-    g_rows = torch.zeros(len(par_key) * 4, device=device, dtype=torch.float64).index_add_(
+    g_rows = torch.zeros(n_par * 4, device=device, dtype=torch.float64).index_add_(
         0, (row_of[:, None] * 4 + four).reshape(-1), gam.sum(2, dtype=torch.float64).reshape(-1))
     cross_pix = torch.zeros_like(x_f.real)
     fm = q0.shape[1]
@@ -912,8 +1045,8 @@ def _fine_sparse(n, sig, live_c, par_key, n_t, pw_f, norm_f, xnorm_f, rounded, s
         qr = q0[p][:, None, :] * prep.ph_m[tf]  # (s, 4, Fm)
         gt = g.transpose(1, 2)  # (s, C, 4)
         z = _weighted_sum(gt, qr)  # (s, C, Fm)
-        key = half[p][:, None] * n_cols + col
-        bsum.view(-1, bsum.shape[-1]).index_add_(0, key.reshape(-1), z.reshape(-1, fm))
+        key = half[p][:, None] * bsum[0].shape[1] + bsum[1][col]
+        bsum[0].view(-1, bsum[0].shape[-1]).index_add_(0, key.reshape(-1), z.reshape(-1, fm).to(bsum[0].dtype))
         a = a_cols[col]
         m = _weighted_sum(g, a)  # (s, 4, Ff)
         cross_pix.index_add_(0, p, (x_f[p][:, None, :] * prep.ph_f[tf] * torch.conj(m)).real.sum(1))
@@ -962,37 +1095,40 @@ def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats, acc
     bias = -0.5 * ((ctf_c**2 * w_c) @ (a_c.real**2 + a_c.imag**2).T)  # (N, KR)
     bias += model.log_class_prior.repeat_interleave(r_n)[None, :]
     logw += bias[:, None, :]
-    logw = logw.view(n, -1)
-    thr, _ = log_row_threshold(logw, sampling.adaptive_fraction, sampling.max_significants)
-    sig = logw >= thr[:, None]
+    kr = k * r_n
+    h_p, h_j = significant_entries(logw.view(n, -1), sampling.adaptive_fraction, sampling.max_significants)
     del logw
-    n_sig = sig.sum(1)
-    sig = sig.view(n, t_c, k * r_n)
+    h_t, h_c = h_j // kr, h_j % kr  # significant (particle, translation, class * R + psi), by particle
+    n_sig = torch.bincount(h_p, minlength=n)
 
     # --- fine pass over groups of particles whose (rows x live columns) block fits the budget
-    live_per_particle = sig.any(1).sum(1)  # (N,) significant coarse columns
-    rows_per_particle = sig.any(2).sum(1) * 4
+    live_per_particle = torch.bincount(torch.unique(h_p * kr + h_c) // kr, minlength=n).tolist()
+    rows_per_particle = (torch.bincount(torch.unique(h_p * t_c + h_t) // t_c, minlength=n) * 4).tolist()
+    bounds = torch.searchsorted(h_p, torch.arange(n + 1, device=device)).tolist()
     out, start = [], 0
-    n_cols = k * r_n * prep.n_children
+    n_cols = kr * prep.n_children
+    budget = chunk_budget(device)
     while start < n:
         stop, cols_sum, rows_sum = start, 0, 0
         while stop < n:
-            c_new = min(n_cols, cols_sum + int(live_per_particle[stop]) * prep.n_children)
-            r_new = rows_sum + int(rows_per_particle[stop])
-            if stop > start and c_new * r_new > chunk_budget(device):
+            c_new = min(n_cols, cols_sum + live_per_particle[stop] * prep.n_children)
+            r_new = rows_sum + rows_per_particle[stop]
+            if stop > start and c_new * r_new > budget:
                 break
             cols_sum, rows_sum, stop = c_new, r_new, stop + 1
-        sl = slice(start, stop)
-        out.append(_fine_pass(batch, sl, sig[sl], n_sig[sl], model, prep, stats, rounded[sl], x_mask[sl], x_full[sl],
-                              ctf_all[sl], inv_s2_all[sl], s_off2, freqs_all, shells_all, acc))
+        sl, e = slice(start, stop), slice(bounds[start], bounds[stop])
+        out.append(_fine_pass(batch, sl, (h_p[e] - start, h_t[e], h_c[e]), t_c, n_sig[sl], model, prep, stats,
+                              rounded[sl], x_mask[sl], x_full[sl], ctf_all[sl], inv_s2_all[sl], s_off2, freqs_all,
+                              shells_all, acc))
         start = stop
     return out
 
 
-def _fine_pass(batch, sl, sig, n_sig, model, prep: _Prepared, stats, rounded, x_mask, x_full, ctf_all, inv_s2_all, s_off2,
-               freqs_all, shells_all, acc=None) -> ParticleResult:
-    """Children (C orientations x 4 translations) of the significant coarse hypotheses of
-    particles ``sl``: scores, posteriors, statistics and the best pose.
+def _fine_pass(batch, sl, hyp, t_c, n_sig, model, prep: _Prepared, stats, rounded, x_mask, x_full, ctf_all, inv_s2_all,
+               s_off2, freqs_all, shells_all, acc=None) -> ParticleResult:
+    """Children (C orientations x 4 translations) of the significant coarse hypotheses ``hyp``
+    (particle within ``sl``, coarse translation, class * R + orientation; sorted by particle,
+    translation and column) of particles ``sl``: scores, posteriors, statistics and the best pose.
 
     Rows are (particle, fine translation) pairs whose parent translation holds a significant
     hypothesis; columns are the children of the (class, orientation) pairs significant for some
@@ -1001,7 +1137,7 @@ def _fine_pass(batch, sl, sig, n_sig, model, prep: _Prepared, stats, rounded, x_
     scored as one GEMM shared by all rows; sparse ones per particle (batched GEMMs).
     """
     device = x_mask.device
-    n = sig.shape[0]
+    n = n_sig.shape[0]
     box = batch.images.shape[-1]
     k = model.ref_ft.shape[0]
     n_ch = prep.n_children
@@ -1009,21 +1145,25 @@ def _fine_pass(batch, sl, sig, n_sig, model, prep: _Prepared, stats, rounded, x_
     half = batch.half[sl]
     group = batch.group[sl]
     # live coarse columns of the group and their fine children (global column ids)
-    live_c = torch.nonzero(sig.any(0).any(0)).squeeze(1)  # (Lc,) class * R + r
+    h_p, h_t, h_c = hyp
+    live_c, h_lc = torch.unique(h_c, return_inverse=True)  # (Lc,) class * R + r; local column per hypothesis
+    n_lc = len(live_c)
     cols = (live_c[:, None] * n_ch + torch.arange(n_ch, device=device)[None]).reshape(-1)  # (L,) class * R*C + o
-    sig_l = sig[:, :, live_c]  # (N, T, Lc)
-    par_p, par_t = torch.nonzero(sig_l.any(-1), as_tuple=True)  # parent rows
+    par_key, h_row = torch.unique(h_p * t_c + h_t, return_inverse=True)  # parent rows; parent of each hypothesis
+    par_p, par_t = par_key // t_c, par_key % t_c
     row_p = par_p.repeat_interleave(4)
     row_tf = (par_t[:, None] * 4 + torch.arange(4, device=device)[None]).reshape(-1)  # index into prep.trans_f
     row_t = prep.trans_f[row_tf]  # (U, 2)
     # path: one shared GEMM (broad posteriors), per-particle blocks, or hypothesis by hypothesis
-    n_live = sig_l.any(1).sum(1) * n_ch  # (N,) live fine columns per particle
-    rows_pp = sig_l.any(2).sum(1) * 4
+    n_live = torch.bincount(torch.unique(h_p * n_lc + h_lc) // n_lc, minlength=n) * n_ch  # (N,) live fine columns
+    rows_pp = torch.bincount(par_p, minlength=n) * 4
     dense = float(n_live.max()) > DENSE_FINE_COLUMNS * len(cols)
-    sparse = not dense and float((rows_pp * n_live).sum()) > SPARSE_FINE_WASTE * float(sig_l.sum()) * 4 * n_ch
+    sparse = not dense and float((rows_pp * n_live).sum()) > SPARSE_FINE_WASTE * len(h_p) * 4 * n_ch
     colmask = None
     if not sparse:
-        colmask = sig_l[par_p, par_t].repeat_interleave(n_ch, dim=-1)[:, None, :].expand(-1, 4, -1).reshape(len(row_p), -1)
+        par_cols = torch.zeros(len(par_key), n_lc, dtype=torch.bool, device=device)
+        par_cols[h_row, h_lc] = True
+        colmask = par_cols.repeat_interleave(n_ch, dim=-1)[:, None, :].expand(-1, 4, -1).reshape(len(row_p), -1)
     a_cols = _fine_columns(model, prep, cols, box)  # (L, Ff)
     col_class = cols // rc
 
@@ -1042,15 +1182,18 @@ def _fine_pass(batch, sl, sig, n_sig, model, prep: _Prepared, stats, rounded, x_
     c_m, w_m = ctf_all[:, idx_m], inv_s2_all[:, idx_m]
     q0 = c_m * w_m * x_full[:, idx_m] * dc_half  # (N, Fm) unmasked image, for the reconstruction
     c2 = c_m**2 * w_m * dc_half  # (N, Fm)
-    bsum = torch.zeros(2, len(cols), len(idx_m), dtype=q0.dtype, device=device)
+    # data sums go straight into the call's accumulator (global columns) or into this pass's own
+    if acc is not None:
+        bsum = (acc.data, cols)
+    else:
+        bsum = (torch.zeros(2, len(cols), len(idx_m), dtype=q0.dtype, device=device), torch.arange(len(cols), device=device))
 
     if dense:
         fine = _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half, bsum,
                            prep, a_cols)
     elif sparse:
-        t_c = sig.shape[1]
-        fine = _fine_sparse(n, sig, live_c, par_p * t_c + par_t, t_c, pw_f, norm_f, xnorm_f, rounded, s_off2, col_prior,
-                            x_f, q0, half, bsum, prep, a_cols)
+        fine = _fine_sparse(n, h_p, h_t, h_lc, h_row, len(par_key), n_lc, pw_f, norm_f, xnorm_f, rounded, s_off2,
+                            col_prior, x_f, q0, half, bsum, prep, a_cols)
     else:
         fine = _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, col_prior, x_f, q0, half,
                             bsum, prep, a_cols)
@@ -1059,16 +1202,14 @@ def _fine_pass(batch, sl, sig, n_sig, model, prep: _Prepared, stats, rounded, x_
     log_norm = torch.log(2 * math.pi / w_f).sum(-1)  # sum over the window of log(2 pi sigma2)
     ll = (mx.to(torch.float64) + torch.log(s_i)).to(xnorm_f.dtype) - log_norm
     pending = []  # (half, data sums, weight sums) back-projected together: one stencil per column block
+    if acc is not None:  # back-projected once per call
+        acc.add_weights(g_part, cols, c2, half)
     for h in range(2):
         parts = half == h
         if not bool(parts.any()):
             continue
-        f_h = g_part[parts].T @ c2[parts]  # (L, Fm)
-        if acc is not None:  # back-projected once per call
-            acc[0][h].index_add_(0, cols, bsum[h].to(acc[0].dtype))
-            acc[1][h].index_add_(0, cols, f_h.to(acc[1].dtype))
-        else:
-            pending.append((h, bsum[h], f_h))
+        if acc is None:
+            pending.append((h, bsum[0][h], g_part[parts].T @ c2[parts]))  # data and weight sums (L, Fm)
         stats.class_weight[h] += torch.zeros(k, dtype=torch.float64, device=device).index_add_(
             0, col_class, g_part[parts].sum(0, dtype=torch.float64))
     if pending:
