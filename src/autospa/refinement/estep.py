@@ -417,14 +417,19 @@ def significant_entries(logw: torch.Tensor, fraction: float, cap: int = 0) -> tu
     pos = torch.arange(len(c_r), device=logw.device) - start[c_r]
     pad = torch.full((n, width), -torch.inf, dtype=logw.dtype, device=logw.device)
     pad[c_r, pos] = logw[c_r, c_c]
-    srt = torch.sort(pad, dim=1, descending=True).values
-    csum = torch.cumsum(torch.exp((srt - mx[:, None]).to(torch.float64)), 1)
-    lower = csum[:, -1]
+    if 0 < cap < width:  # with a cap the walk stops at the cap-th: only the largest cap in order
+        srt = torch.topk(pad, cap, dim=1, sorted=True).values
+        lower = torch.exp((pad - mx[:, None]).to(torch.float64)).sum(1)
+        csum = torch.cumsum(torch.exp((srt - mx[:, None]).to(torch.float64)), 1)
+    else:
+        srt = torch.sort(pad, dim=1, descending=True).values
+        csum = torch.cumsum(torch.exp((srt - mx[:, None]).to(torch.float64)), 1)
+        lower = csum[:, -1]
     upper = lower + (m - cnt).to(torch.float64) * math.exp(-CANDIDATE_DEPTH)
     last = cap - 1 if 0 < cap < m else width
     j = _reach(csum, lower, fraction).clamp_max(last)
     decided = small & (j == _reach(csum, upper, fraction).clamp_max(last)) & (j < cnt)
-    thr = srt.gather(1, j.clamp_max(width - 1)[:, None]).squeeze(1)
+    thr = srt.gather(1, j.clamp_max(srt.shape[1] - 1)[:, None]).squeeze(1)
     sel = decided[c_r] & (logw[c_r, c_c] >= thr[c_r])
     rows, cols = c_r[sel], c_c[sel]
     rest = torch.nonzero(~decided).squeeze(1)
@@ -945,37 +950,38 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
         col_ok = torch.zeros(nb, c_max, device=device, dtype=torch.bool)
         cols[c_p, c_local] = c_c
         col_ok[c_p, c_local] = True
-        emask = colmask[rows_c[:, :, None], cols[:, None, :]] & row_ok[:, :, None] & col_ok[:, None, :]  # (nb, u, c)
+        emask = colmask[rows_c[:, None, :], cols[:, :, None]] & row_ok[:, None, :] & col_ok[:, :, None]  # (nb, c, u)
 
         # Re(P ph_u conj(A_c)) = Re(ph_u conj(A_c conj(P))): the image weights go onto the (fewer)
         # columns, so no (rows, Ff) product is formed. The rows' phases are taken on the
         # statistics window (the fine window and DC; the columns are 0 at DC), so that one
-        # gather and one weighted sum (G^T ph) serve the scores, the data sums and the residuals.
+        # gather and one weighted sum (G ph) serve the scores, the data sums and the residuals.
+        # Blocks are (columns, rows): the batched products run faster with the short side first.
         ph = prep.ph_m[row_tf[rows_c]]  # (nb, u, Fm)
         a_blk = a_cols[cols]  # (nb, c, Ff)
-        logw = _real_bmm(ph, _with_dc(a_blk * torch.conj(pw_f[pb, None, :]), prep.dc_m))
-        logw -= 0.5 * (xnorm_f[pb, None, None] + norm_f[pb[:, None], cols][:, None, :])
-        logw += row_logoff[rows_c][:, :, None] + col_prior[cols][:, None, :]
+        logw = _real_bmm(_with_dc(a_blk * torch.conj(pw_f[pb, None, :]), prep.dc_m), ph)  # (nb, c, u)
+        logw -= 0.5 * (xnorm_f[pb, None, None] + norm_f[pb[:, None], cols][:, :, None])
+        logw += row_logoff[rows_c][:, None, :] + col_prior[cols][:, :, None]
         logw.masked_fill_(~emask, -torch.inf)
         m_b, arg = logw.reshape(nb, -1).max(1)
-        gam = torch.exp((logw - m_b[:, None, None]).clamp_min(EXP_FLOOR)).masked_fill_(~emask, 0)  # (nb, u, c)
+        gam = torch.exp((logw - m_b[:, None, None]).clamp_min(EXP_FLOOR)).masked_fill_(~emask, 0)  # (nb, c, u)
         del logw
         s_b = gam.sum((1, 2), dtype=torch.float64)
         gam /= s_b[:, None, None].to(gam.dtype)
         ar = torch.arange(nb, device=device)
         mx[pb], s_i[pb] = m_b, s_b
-        best_row[pb] = rows_c[ar, arg // c_max]
-        best_col[pb] = cols[ar, arg % c_max]
+        best_row[pb] = rows_c[ar, arg % u_max]
+        best_col[pb] = cols[ar, arg // u_max]
         gmax[pb] = gam.reshape(nb, -1)[ar, arg]
         # posterior per particle and column, per row
-        g_part[pb] = torch.zeros(nb, n_cols, device=device, dtype=gam.dtype).scatter_add_(1, cols, gam.sum(1))
-        g_rows[rows_c[row_ok]] = gam.sum(2, dtype=torch.float64)[row_ok]
-        g_ph = _weighted_sum(gam.transpose(1, 2), ph)  # (nb, c, Fm): (G^T ph)[c]
-        # data sums: Z[i, c] = sum_u G[i, u, c] Q[i] ph_u = Q[i] (G^T ph)[c], scattered to the
+        g_part[pb] = torch.zeros(nb, n_cols, device=device, dtype=gam.dtype).scatter_add_(1, cols, gam.sum(2))
+        g_rows[rows_c[row_ok]] = gam.sum(1, dtype=torch.float64)[row_ok]
+        g_ph = _weighted_sum(gam, ph)  # (nb, c, Fm): (G ph)[c]
+        # data sums: Z[i, c] = sum_u G[i, c, u] Q[i] ph_u = Q[i] (G ph)[c], scattered to the
         # columns' rows of bsum
         key = half[pb, None] * bsum[0].shape[1] + bsum[1][cols]  # (nb, c)
         bsum[0].view(-1, bsum[0].shape[-1]).index_add_(0, key[col_ok], (q0[pb, None, :] * g_ph)[col_ok].to(bsum[0].dtype))
-        # posterior-weighted Re(X ph_u conj(A_c)) = Re(X sum_c conj(A_c) (G^T ph)[c]) for the
+        # posterior-weighted Re(X ph_u conj(A_c)) = Re(X sum_c conj(A_c) (G ph)[c]) for the
         # residual power (padded rows and columns have zero posterior)
         cross_pix[pb] = (x_f[pb] * (torch.conj(a_blk) * _without_dc(g_ph, prep.dc_m)).sum(1)).real.to(rdt)
     return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, g_rows
