@@ -116,8 +116,10 @@ def test_significant_entries_are_the_thresholded_entries():
         -torch.rand(m, generator=g) * 0.5,  # broad: more candidates than CANDIDATE_MAX
         torch.where(torch.rand(m, generator=g) < 0.5, -torch.inf, -torch.rand(m, generator=g) * 300),  # -inf entries
         torch.cat([torch.zeros(3), torch.full((m - 3,), -31.0)]),  # a tail just below the depth holds mass
+        torch.zeros(m),  # broad and all tied: the selection reaches past the k largest
+        -(torch.rand(m, generator=g) * 20).round(),  # broad with ties at every level
     ]
-    logw = torch.stack(rows * 3)[torch.randperm(15, generator=g)] - 3.0
+    logw = torch.stack(rows * 3)[torch.randperm(21, generator=g)] - 3.0
     for fraction in (0.9, 0.999):
         for cap in (0, 60, 5000):
             thr, _ = es.log_row_threshold(logw, fraction, cap)

@@ -346,6 +346,14 @@ def log_row_threshold(logw: torch.Tensor, fraction: float, cap: int = 0) -> tupl
     capped = 0 < cap < m
     k = cap if capped else min(m, ROW_THRESHOLD_TOPK)
     vals = torch.topk(logw, k, dim=1, sorted=True).values  # (N, k) descending
+    return _threshold_of_top(logw, vals, fraction, capped), vals[:, 0]
+
+
+def _threshold_of_top(logw: torch.Tensor, vals: torch.Tensor, fraction: float, capped: bool) -> torch.Tensor:
+    """:func:`log_row_threshold`'s thresholds ``(N,)`` from the rows ``logw (N, M)`` and their ``k``
+    largest values ``vals (N, k)`` in descending order (``k`` the cap when ``capped``)."""
+    n, m = logw.shape
+    k = vals.shape[1]
     mx = vals[:, 0]
     e = torch.exp((vals - mx[:, None]).to(torch.float64))
     csum = torch.cumsum(e, 1)
@@ -373,7 +381,7 @@ def log_row_threshold(logw: torch.Tensor, fraction: float, cap: int = 0) -> tupl
         srt = torch.sort(logw[short], dim=1, descending=True).values
         c_full = torch.cumsum(torch.exp((srt - mx[short, None]).to(torch.float64)), 1)
         thr[short] = srt.gather(1, _reach(c_full, c_full[:, -1], fraction).clamp_max(m - 1)[:, None]).squeeze(1)
-    return torch.maximum(thr, mx - 100.0), mx
+    return torch.maximum(thr, mx - 100.0)
 
 
 #: Log-weights within this of their row's maximum are the candidates :func:`significant_entries`
@@ -435,8 +443,19 @@ def significant_entries(logw: torch.Tensor, fraction: float, cap: int = 0) -> tu
     rest = torch.nonzero(~decided).squeeze(1)
     if len(rest):  # broad or undecided rows: the top-k rule and, where needed, the exact mass
         sub = logw[rest]
-        t_rest, _ = log_row_threshold(sub, fraction, cap)
-        r_r, r_c = torch.nonzero(sub >= t_rest[:, None], as_tuple=True)
+        capped = 0 < cap < m
+        k = cap if capped else min(m, ROW_THRESHOLD_TOPK)
+        top_v, top_i = torch.topk(sub, min(m, k + 1), dim=1, sorted=True)
+        t_rest = _threshold_of_top(sub, top_v[:, :k], fraction, capped)
+        # the selection is within the k largest unless the (k+1)-th reaches the threshold (ties;
+        # or, without a cap, rows whose k largest do not hold the fraction)
+        inside = top_v[:, -1] < t_rest if top_v.shape[1] > k else torch.ones_like(t_rest, dtype=torch.bool)
+        r_r, r_j = torch.nonzero((top_v[:, :k] >= t_rest[:, None]) & inside[:, None], as_tuple=True)
+        r_c = top_i[r_r, r_j]
+        out = torch.nonzero(~inside).squeeze(1)
+        if len(out):
+            o_r, o_c = torch.nonzero(sub[out] >= t_rest[out, None], as_tuple=True)
+            r_r, r_c = torch.cat([r_r, out[o_r]]), torch.cat([r_c, o_c])
         rows, cols = torch.cat([rows, rest[r_r]]), torch.cat([cols, r_c])
         order = torch.argsort(rows * m + cols)
         rows, cols = rows[order], cols[order]
