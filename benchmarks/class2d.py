@@ -259,6 +259,8 @@ def main() -> int:
             print(f"{k}: {v}")
     RESULTS.mkdir(exist_ok=True)
     tag = args.device.replace(":", "") if args.mode in ("estep", "compare") else args.mode
+    if args.mode == "estep" and (args.psi_step, args.offset_step) != (12.0, 2.0):
+        tag += f"_{args.psi_step:g}deg{args.offset_step:g}px"
     if args.mode == "compare" and (args.n, args.K) != (20000, 50):
         tag += f"_{args.n}_K{args.K}"
     if args.mode == "compare" and args.algorithms != "vdam,em":

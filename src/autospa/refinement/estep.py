@@ -804,6 +804,15 @@ def _without_dc(z: torch.Tensor, dc: int) -> torch.Tensor:
     return torch.cat([z[..., :dc], z[..., dc + 1 :]], -1)
 
 
+def _add_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """``target[index[i]] += rows[i]`` for ``target (M, F)`` and ``rows (S, F)``; complex rows are
+    added on the real views (CPU's index_add_ of complex rows is about 4 times slower)."""
+    rows = rows.to(target.dtype)
+    if target.is_complex():
+        target, rows = torch.view_as_real(target).flatten(-2), torch.view_as_real(rows.contiguous()).flatten(-2)
+    target.index_add_(0, index, rows)
+
+
 def _flat_real(z: torch.Tensor) -> torch.Tensor:
     """Complex ``(..., F)`` as real ``(..., 2F)`` with real and imaginary parts interleaved (a view
     when ``z`` is contiguous): ``Re(a conj(b)) = flat(a) . flat(b)``."""
@@ -882,9 +891,9 @@ def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, co
             continue
         qr = q0[row_p[rows]] * prep.ph_m[row_tf[rows]]  # (U_h, Fm)
         g_h = gam[rows]
-        bsum[0][h].index_add_(0, bsum[1], _weighted_sum(g_h.T, qr).to(bsum[0].dtype))
+        _add_rows(bsum[0][h], bsum[1], _weighted_sum(g_h.T, qr))
     m_rows = _weighted_sum(gam, a_cols)  # (U, Ff) posterior-mean reference
-    cross_pix = torch.zeros_like(x_f.real).index_add_(0, row_p, (x_f[row_p] * ph_rows * torch.conj(m_rows)).real)
+    cross_pix = torch.zeros_like(x_f.real).index_add_(0, row_p, (x_f[row_p] * ph_rows * m_rows.conj().resolve_conj()).real)
     return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, gam.sum(1, dtype=torch.float64)
 
 
@@ -940,6 +949,11 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
     device = pw_f.device
     n_rows, n_cols = colmask.shape
     rdt = x_f.real.dtype
+    # columns and conjugate image weights on the statistics window (0 at DC), made once for all
+    # buckets (products with torch.conj views take a slow path on CPU: conjugates are stored)
+    a_cols_m = _with_dc(a_cols, prep.dc_m)  # (L, Fm)
+    a_cols_mc = a_cols_m.conj().resolve_conj()
+    pw_c = _with_dc(pw_f, prep.dc_m).conj().resolve_conj()  # (N, Fm)
     # rows of each particle (row_p is sorted by particle)
     r_cnt = torch.bincount(row_p, minlength=n)
     r_start = torch.cumsum(r_cnt, 0) - r_cnt
@@ -954,7 +968,7 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
     g_part = torch.zeros(n, n_cols, device=device, dtype=rdt)
     g_rows = torch.zeros(n_rows, device=device, dtype=torch.float64)
     cross_pix = torch.empty(n, x_f.shape[1], device=device, dtype=rdt)
-    max_lines = max(1, chunk_budget(device) // max(1, 4 * pw_f.shape[1]))  # (rows + columns, Ff) arrays that fit
+    max_lines = max(1, chunk_budget(device) // max(1, 4 * pw_c.shape[1]))  # (rows + columns, Ff) arrays that fit
     for pb in _block_buckets(r_cnt, c_cnt, max_lines):
         nb = len(pb)
         u_max = max(1, int(r_cnt[pb].max()))
@@ -977,8 +991,8 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
         # gather and one weighted sum (G ph) serve the scores, the data sums and the residuals.
         # Blocks are (columns, rows): the batched products run faster with the short side first.
         ph = prep.ph_m[row_tf[rows_c]]  # (nb, u, Fm)
-        a_blk = a_cols[cols]  # (nb, c, Ff)
-        logw = _real_bmm(_with_dc(a_blk * torch.conj(pw_f[pb, None, :]), prep.dc_m), ph)  # (nb, c, u)
+        a_blk = a_cols_m[cols]  # (nb, c, Fm), 0 at DC
+        logw = _real_bmm(a_blk * pw_c[pb, None, :], ph)  # (nb, c, u)
         logw -= 0.5 * (xnorm_f[pb, None, None] + norm_f[pb[:, None], cols][:, :, None])
         logw += row_logoff[rows_c][:, None, :] + col_prior[cols][:, :, None]
         logw.masked_fill_(~emask, -torch.inf)
@@ -999,10 +1013,10 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
         # data sums: Z[i, c] = sum_u G[i, c, u] Q[i] ph_u = Q[i] (G ph)[c], scattered to the
         # columns' rows of bsum
         key = half[pb, None] * bsum[0].shape[1] + bsum[1][cols]  # (nb, c)
-        bsum[0].view(-1, bsum[0].shape[-1]).index_add_(0, key[col_ok], (q0[pb, None, :] * g_ph)[col_ok].to(bsum[0].dtype))
+        _add_rows(bsum[0].view(-1, bsum[0].shape[-1]), key[col_ok], (q0[pb, None, :] * g_ph)[col_ok])
         # posterior-weighted Re(X ph_u conj(A_c)) = Re(X sum_c conj(A_c) (G ph)[c]) for the
         # residual power (padded rows and columns have zero posterior)
-        cross_pix[pb] = (x_f[pb] * (torch.conj(a_blk) * _without_dc(g_ph, prep.dc_m)).sum(1)).real.to(rdt)
+        cross_pix[pb] = (x_f[pb] * _without_dc((a_cols_mc[cols] * g_ph).sum(1), prep.dc_m)).real.to(rdt)
     return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, g_rows
 
 
@@ -1071,10 +1085,10 @@ def _fine_sparse(n, hp, ht, lc, row_of, n_par, n_lc, pw_f, norm_f, xnorm_f, roun
         gt = g.transpose(1, 2)  # (s, C, 4)
         z = _weighted_sum(gt, qr)  # (s, C, Fm)
         key = half[p][:, None] * bsum[0].shape[1] + bsum[1][col]
-        bsum[0].view(-1, bsum[0].shape[-1]).index_add_(0, key.reshape(-1), z.reshape(-1, fm).to(bsum[0].dtype))
+        _add_rows(bsum[0].view(-1, bsum[0].shape[-1]), key.reshape(-1), z.reshape(-1, fm))
         a = a_cols[col]
         m = _weighted_sum(g, a)  # (s, 4, Ff)
-        cross_pix.index_add_(0, p, (x_f[p][:, None, :] * prep.ph_f[tf] * torch.conj(m)).real.sum(1))
+        cross_pix.index_add_(0, p, (x_f[p][:, None, :] * prep.ph_f[tf] * m.conj().resolve_conj()).real.sum(1))
     return mx, s_i, best_row, best_col, gmax, g_part, cross_pix, g_rows
 
 
@@ -1425,7 +1439,7 @@ def _local_chunk(batch: ParticleBatch, model: EStepModel, sampling: Sampling, ma
         stats.class_weight[h] += col_w[sel].reshape(-1, k, n_j).sum((0, 2), dtype=torch.float64)
     # residual power and noise
     m = _weighted_sum(gam, a)  # (N, T, Ff)
-    cross_pix = (x_f[:, None, :] * ph_f[None] * torch.conj(m)).real.sum(1)
+    cross_pix = (x_f[:, None, :] * ph_f[None] * m.conj().resolve_conj()).real.sum(1)
     resid = (x_f.real**2 + x_f.imag**2) - 2 * ctf_f * cross_pix + ctf_f**2 * torch.bmm(col_w[:, None, :], a_pow).squeeze(1)
     _add_noise_power(stats, batch.group, resid, x_mask, idx_f, idx_m, freqs_all, shells_all)
     g_rows = gam.sum(2).to(torch.float64)  # (N, T)
