@@ -327,8 +327,9 @@ def log_row_threshold(logw: torch.Tensor, fraction: float, cap: int = 0) -> tupl
     threshold reached by :func:`row_threshold`; here the threshold is returned as a log-weight,
     so that ``logw >= threshold[:, None]`` selects them. The largest ``k`` log-weights (``k =
     cap``, else :data:`ROW_THRESHOLD_TOPK`) and a bound on the mass of the rest (``(M - k)`` times
-    the ``k``-th weight) decide most rows (sharp posteriors: the rest is negligible); the row's
-    total is summed only for the rows the bound leaves undecided, and a full sort done only for
+    the ``k``-th weight) decide most rows (sharp posteriors: the rest is negligible); then bounds
+    from the count of entries within 1 of the ``k``-th; the row's total is summed only for the
+    rows these bounds leave undecided, and a full sort done only for
     rows whose ``k`` largest do not hold ``fraction`` (as :func:`row_threshold`, without a cap).
     Entries more than 100 below the row's maximum (weights below ``e^-100``) are never significant.
 
@@ -401,7 +402,9 @@ def significant_entries(logw: torch.Tensor, fraction: float, cap: int = 0) -> tu
     bounded by their count times ``e^-depth``, and the row is decided when the cumulative sum
     reaches the fraction at the same candidate for the lower and the upper total (sharp
     posteriors: nearly always). Rows with more than :data:`CANDIDATE_MAX` candidates and undecided
-    rows go through :func:`log_row_threshold`; the selection is the same either way.
+    rows take :func:`log_row_threshold`'s rule on their ``k + 1`` largest entries (a pass over a
+    row only for ties past the ``k``-th, or without a cap when the ``k`` do not hold the fraction);
+    the selection is the same either way (tested against it).
 
     Parameters
     ----------
@@ -1116,10 +1119,10 @@ def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats, acc
 
     # --- coarse pass: every (translation, class, orientation) as one GEMM. The offset prior
     # rides in the GEMM (a column of log_off per row against ones, and a zero column that keeps
-    # the rows' length even), the image norm
-    # is left out (a constant per particle), and the CTF-weighted reference power and class prior
-    # (per particle and column) are added in one pass; the significance threshold is taken on
-    # the log-weights (log_row_threshold), so the (N, T*KR) block is never exponentiated.
+    # the rows' length even), the image norm is left out (a constant per particle), and the
+    # CTF-weighted reference power and class prior (per particle and column) are added in one
+    # pass; the significant hypotheses are listed from the log-weights (significant_entries), so
+    # the (N, T*KR) block is never exponentiated nor turned into a mask.
     idx_c, a_c = prep.idx_c, prep.a_c
     x_c, ctf_c, w_c = x_mask[:, idx_c], ctf_all[:, idx_c], inv_s2_all[:, idx_c]
     t_c, f_c = len(trans_c), len(idx_c)
