@@ -343,11 +343,16 @@ def log_row_threshold(logw: torch.Tensor, fraction: float, cap: int = 0) -> tupl
     threshold, row_max
         ``(N,)`` log-weight thresholds and ``(N,)`` row maxima.
     """
-    n, m = logw.shape
-    capped = 0 < cap < m
-    k = cap if capped else min(m, ROW_THRESHOLD_TOPK)
+    capped, k = _top_size(logw.shape[1], cap)
     vals = torch.topk(logw, k, dim=1, sorted=True).values  # (N, k) descending
     return _threshold_of_top(logw, vals, fraction, capped), vals[:, 0]
+
+
+def _top_size(m: int, cap: int) -> tuple[bool, int]:
+    """Whether a cap applies to rows of ``m`` entries, and the number ``k`` of largest entries the
+    top-k rule looks at (the cap, else :data:`ROW_THRESHOLD_TOPK`)."""
+    capped = 0 < cap < m
+    return capped, cap if capped else min(m, ROW_THRESHOLD_TOPK)
 
 
 def _threshold_of_top(logw: torch.Tensor, vals: torch.Tensor, fraction: float, capped: bool) -> torch.Tensor:
@@ -446,8 +451,7 @@ def significant_entries(logw: torch.Tensor, fraction: float, cap: int = 0) -> tu
     rest = torch.nonzero(~decided).squeeze(1)
     if len(rest):  # broad or undecided rows: the top-k rule and, where needed, the exact mass
         sub = logw[rest]
-        capped = 0 < cap < m
-        k = cap if capped else min(m, ROW_THRESHOLD_TOPK)
+        capped, k = _top_size(m, cap)
         top_v, top_i = torch.topk(sub, min(m, k + 1), dim=1, sorted=True)
         t_rest = _threshold_of_top(sub, top_v[:, :k], fraction, capped)
         # the selection is within the k largest unless the (k+1)-th reaches the threshold (ties;
@@ -858,10 +862,11 @@ def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, co
         logw = cross
         logw -= 0.5 * (xnorm_f[row_p, None] + norm_f[row_p])
         logw += row_logoff[:, None] + col_prior[None, :]
-        logw.masked_fill_(~colmask, -torch.inf)
+        dead = ~colmask
+        logw.masked_fill_(dead, -torch.inf)
         row_max, row_arg = logw.max(1)
         mx = torch.full((n,), -torch.inf, device=device, dtype=logw.dtype).scatter_reduce(0, row_p, row_max, reduce="amax")
-        gam = torch.exp((logw - mx[row_p, None]).clamp_min(EXP_FLOOR)).masked_fill_(~colmask, 0)
+        gam = torch.exp((logw - mx[row_p, None]).clamp_min(EXP_FLOOR)).masked_fill_(dead, 0)
         del logw, cross
         s_i = torch.zeros(n, device=device, dtype=torch.float64).index_add_(0, row_p, gam.sum(1, dtype=torch.float64))
         gam /= s_i[row_p, None].to(gam.dtype)
@@ -998,9 +1003,10 @@ def _fine_blocks(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, c
         logw = _real_bmm(a_blk * pw_c[pb, None, :], ph)  # (nb, c, u)
         logw -= 0.5 * (xnorm_f[pb, None, None] + norm_f[pb[:, None], cols][:, :, None])
         logw += row_logoff[rows_c][:, None, :] + col_prior[cols][:, :, None]
-        logw.masked_fill_(~emask, -torch.inf)
+        dead = ~emask
+        logw.masked_fill_(dead, -torch.inf)
         m_b, arg = logw.reshape(nb, -1).max(1)
-        gam = torch.exp((logw - m_b[:, None, None]).clamp_min(EXP_FLOOR)).masked_fill_(~emask, 0)  # (nb, c, u)
+        gam = torch.exp((logw - m_b[:, None, None]).clamp_min(EXP_FLOOR)).masked_fill_(dead, 0)  # (nb, c, u)
         del logw
         s_b = gam.sum((1, 2), dtype=torch.float64)
         gam /= s_b[:, None, None].to(gam.dtype)
