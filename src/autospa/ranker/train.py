@@ -152,7 +152,7 @@ def train_network(
     for epoch in range(cfg.epochs):
         model.train()
         perm = torch.randperm(n, generator=gen)
-        se = 0.0
+        se = torch.zeros((), device=dev)  # summed on the device: no synchronisation per step
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             x = images[idx, None].to(dev, torch.float32)
@@ -168,8 +168,8 @@ def train_network(
             loss.backward()
             opt.step()
             sched.step()
-            se += float(loss) * idx.numel()
-        hist.train_mse.append(se / n)
+            se += loss.detach() * idx.numel()
+        hist.train_mse.append(float(se) / n)
         vm = evaluate_mse(model, val_images, val_features, val_targets, cfg.zero_granulo) if has_val else float("nan")
         hist.val_mse.append(vm)
         score = vm if has_val else hist.train_mse[-1]
