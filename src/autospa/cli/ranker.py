@@ -1,11 +1,12 @@
 """``autospa ranker``: build the class ranker's training corpus and train it.
 
-Example (the command that made the shipped weights, see ``autospa ranker train --help``)::
+Examples (see ``autospa ranker train --help``)::
 
     autospa ranker train --corpus ranker_corpus --o class_ranker.ckpt    # < 35 min of corpus here
-    autospa ranker train --corpus ranker_corpus --first 1000 --jobs 400 --workers 15 --gpu_workers 3 \\
-        --time_limit 250 --o class_ranker.ckpt     # the shipped weights' corpus (16 cores + 1 GPU, see weights/*.json)
-    autospa ranker train --corpus ranker_corpus --no_build --epochs 60 --o class_ranker.ckpt
+    # the shipped weights (weights/README.md): three corpus folders, then one training run
+    autospa ranker train --corpus rk_cpu --first 2000 --jobs 1000 --workers 2 --time_limit 3000 --o a.ckpt   # 2 cores
+    autospa ranker train --corpus rk_gpu --first 1000 --jobs 400 --workers 15 --gpu_workers 3 --time_limit 250 --o b.ckpt
+    autospa ranker train --corpus rk_cpu rk_gpu rk_local --no_build --o class_ranker.ckpt   # 100 epochs, lr 5e-4
 
 ``train`` first completes the corpus (simulated 2D jobs classified with VDAM: jobs already
 finished are kept, ``--time_limit`` stops starting new ones), then computes the features and the
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--time_limit", type=float, default=1800.0, metavar="S",
                    help="start no new corpus job after S seconds (default 1800: the corpus then takes under 35 minutes; 0: no limit)")
     t.add_argument("--no_build", action="store_true", help="train on the finished jobs only")
-    t.add_argument("--epochs", type=int, default=40, help="training epochs (default 40)")
+    t.add_argument("--epochs", type=int, default=100, help="training epochs (default 100, as the shipped weights)")
     t.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default 5e-4, cosine decay)")
     t.add_argument("--batch_size", type=int, default=32, help="batch size (default 32)")
     t.add_argument("--dropout", type=float, default=0.3, help="dropout in training (default 0.3, RELION's)")
