@@ -12,7 +12,10 @@ Prints a table and writes ``benchmarks/results/ranker.json``:
 * a whole ``autospa rank`` run on one corpus job (read, features, scores, all outputs);
 * on the corpus's validation jobs (the job-level split of training): MSE against the
   truth-derived targets and particle FPR / FNR (against the simulator's real particles) at
-  thresholds 0.1 to 0.5 and at the model's calibrated default.
+  thresholds 0.1 to 0.5 and at the model's calibrated default;
+* the MSE floors of two oracles (``autospa.jobs.ranker_train.oracle_floors``) that know the job score and
+  one truth quantity of each class exactly: its template match (what a class average shows) or its
+  purity (the share of real particles, which an average mostly hides).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def main() -> None:
 
     from autospa.io.ranker_files import read_corpus_job
     from autospa.jobs.rank import RankOptions, load_ranker, run_rank
-    from autospa.jobs.ranker_train import corpus_examples, inputs_of_job, is_validation_job
+    from autospa.jobs.ranker_train import corpus_examples, inputs_of_job, is_validation_job, oracle_floors
     from autospa.ranker.network import predict_scores
     from autospa.ranker.train import evaluate_mse, pooled_rates
 
@@ -80,7 +83,9 @@ def main() -> None:
         out["rank_run_s"] = time.perf_counter() - t0
         out["rank_run_classes"] = job0.n_classes
     # accuracy on held-out jobs
-    ex = [e for e in corpus_examples(args.corpus) if is_validation_job(e.name)]
+    every = corpus_examples(args.corpus)
+    ex = [e for e in every if is_validation_job(e.name)]
+    out.update(oracle_floors([e for e in every if not is_validation_job(e.name)], ex))
     if ex and ranker.kind == "checkpoint":
         vi = torch.cat([e.images for e in ex])
         vf = torch.cat([e.features for e in ex])

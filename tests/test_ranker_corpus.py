@@ -145,6 +145,8 @@ def test_training_writes_loadable_weights_and_a_report(tmp_path) -> None:
     rep = train_ranker([tmp_path / "corpus"], tmp_path / "w.ckpt", TrainConfig(epochs=2, batch_size=2))
     assert rep["n_jobs_train"] == 1 and rep["n_jobs_validation"] == 1 and len(rep["train_mse_per_epoch"]) == 2
     assert 0.0 <= rep["validation_fpr"] and 0.0 <= rep["validation_fnr"] <= 1.0
+    for key in ("match", "purity"):  # the oracles' floors on the validation job
+        assert 0.0 <= rep[f"validation_mse_oracle_{key}_and_job_score"] <= 1.0
     ranker = load_ranker(tmp_path / "w.ckpt")
     assert ranker.default_threshold == pytest.approx(rep["default_threshold"])
     assert json.loads((tmp_path / "w.ckpt.json").read_text())["validation_jobs"] == ["job0004"]

@@ -13,7 +13,7 @@ from autospa.io.ranker_files import load_model_file, save_checkpoint, save_torch
 from autospa.jobs.rank import load_ranker
 from autospa.ranker.network import MODEL_DEFINITION, ClassRankerNet, checkpoint_payload, model_from_payload, predict_scores
 from autospa.ranker.targets import class_categories, job_score_from_truth, target_scores, template_match
-from autospa.ranker.train import calibrate_threshold, pooled_rates, rotate_flip, selection_rates
+from autospa.ranker.train import calibrate_threshold, oracle_mse, pooled_rates, rotate_flip, selection_rates
 
 #: relion-classranker training/model.py layer names and shapes (B7): conv indices in cnn_layers.
 RELION_SHAPES = {
@@ -147,6 +147,23 @@ def test_selection_rates_and_threshold_calibration() -> None:
     assert pooled_rates([job], 0.05) == (1.0, 0.0)
     thr, fpr, fnr = calibrate_threshold([job])
     assert 0.1 < thr <= 0.9 and max(fpr, fnr) == pytest.approx(0.2)
+
+
+def test_oracle_mse_is_zero_when_the_key_decides_the_target_and_the_variance_when_it_does_not() -> None:
+    gen = torch.Generator().manual_seed(3)
+    key = torch.rand(4000, generator=gen)
+    js = 0.5 + 0.5 * torch.rand(4000, generator=gen)
+    # the per-class part is a step function of the key (constant within the oracle's bins)
+    q = torch.where(key >= 0.8, 1.0, torch.where(key >= 0.5, 0.5, 0.0))
+    t = q * js
+    assert oracle_mse(key[:3000], t[:3000], js[:3000], key[3000:], t[3000:], js[3000:], n_bins=20, low=0.0, high=1.0) \
+        == pytest.approx(0.0, abs=1e-12)
+    # a key that says nothing: the floor is the variance of the per-class part (times js^2)
+    noise = torch.rand(4000, generator=gen)
+    floor = oracle_mse(noise[:3000], t[:3000], js[:3000], noise[3000:], t[3000:], js[3000:], n_bins=1, low=0.0, high=1.0)
+    mean_q = float((t[:3000] / js[:3000]).mean())
+    assert floor == pytest.approx(float(((mean_q * js[3000:] - t[3000:]) ** 2).mean()), rel=1e-6)
+    assert floor > 0.05
 
 
 def test_shipped_weights_load_with_a_calibrated_threshold() -> None:

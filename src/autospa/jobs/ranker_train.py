@@ -425,6 +425,35 @@ def _selection_jobs(model, examples: Sequence[JobExamples]) -> list[tuple]:
     return [(e.class_numbers, predict_scores(model, e.images, e.features), e.particle_class, e.particle_real) for e in examples]
 
 
+def oracle_floors(train: Sequence[JobExamples], val: Sequence[JobExamples]) -> dict[str, float]:
+    """Validation MSE of two oracles that know every class's job score and one truth quantity
+    exactly (:func:`autospa.ranker.train.oracle_mse`, binned means over the ``train`` jobs): its
+    template match (what a class average shows), or its purity (the share of real particles, which
+    an average mostly hides). The first is a floor for a model that reads the match off the average
+    perfectly but cannot tell the purity.
+
+    Returns
+    -------
+    dict
+        ``validation_mse_oracle_match_and_job_score`` and ``validation_mse_oracle_purity_and_job_score``
+        (empty without training or validation jobs).
+    """
+    from autospa.ranker.train import oracle_mse
+
+    if not train or not val:
+        return {}
+
+    def column(es: Sequence[JobExamples], field: str) -> torch.Tensor:
+        return torch.cat([getattr(e, field) for e in es])
+
+    def job_score(es: Sequence[JobExamples]) -> torch.Tensor:
+        return torch.cat([torch.full((len(e.targets),), e.job_score) for e in es])
+
+    return {f"validation_mse_oracle_{f}_and_job_score": oracle_mse(column(train, f), column(train, "targets"), job_score(train),
+                                                                   column(val, f), column(val, "targets"), job_score(val))
+            for f in ("match", "purity")}
+
+
 def train_ranker(corpus_dirs: Sequence[str | Path], output: str | Path, config=None, val_fraction: float = 0.2,
                  device: str | None = None, progress: Callable[[str], None] | None = None,
                  final_train: bool = False) -> dict:
@@ -496,6 +525,7 @@ def train_ranker(corpus_dirs: Sequence[str | Path], output: str | Path, config=N
             "validation_rates_by_threshold": {f"{t:.2f}": pooled_rates(vjobs, t) for t in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)},
             "validation_best_threshold": best_thr, "validation_best_fpr": best_fpr, "validation_best_fnr": best_fnr,
             "validation_mse_constant_predictor": float(((vt - xt.mean()) ** 2).mean()),
+            **oracle_floors(train, val),
         })  # fmt: skip
     out = Path(output)
     save_checkpoint(out, checkpoint_payload(model, autospa_default_threshold=thr, autospa_training_report={

@@ -249,5 +249,44 @@ def calibrate_threshold(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.T
     return float(round(best[1], 4)), best[2], best[3]
 
 
-__all__ = ["TrainConfig", "TrainHistory", "calibrate_threshold", "evaluate_mse", "pooled_rates", "rotate_flip", "selection_rates",
-           "train_network"]
+def oracle_mse(train_key: torch.Tensor, train_targets: torch.Tensor, train_job_score: torch.Tensor,
+               val_key: torch.Tensor, val_targets: torch.Tensor, val_job_score: torch.Tensor,
+               n_bins: int = 100, low: float = -1.0, high: float = 1.0) -> float:
+    """Validation MSE of a predictor that knows one truth quantity of every class exactly and the
+    job score, and nothing else: a floor on what any model that can only estimate that quantity
+    from the class average can reach.
+
+    The per-class part of the target (``target / job_score``) is averaged over the training
+    classes in ``n_bins`` equal bins of ``key`` over ``[low, high]``; a validation class is
+    predicted as its bin's mean times its job score (bins without training classes predict 0;
+    training jobs with a job score below 0.05 are left out of the means).
+
+    Parameters
+    ----------
+    train_key, val_key
+        ``(n,)`` and ``(m,)`` the quantity the oracle knows (template match or purity).
+    train_targets, val_targets
+        ``(n,)`` and ``(m,)`` target scores.
+    train_job_score, val_job_score
+        ``(n,)`` and ``(m,)`` each class's job score.
+
+    Returns
+    -------
+    float
+        Mean squared error over the ``m`` validation classes.
+    """
+    def bins(key: torch.Tensor) -> torch.Tensor:
+        return ((key.double() - low) / (high - low) * n_bins).floor().clamp(0, n_bins - 1).long()
+
+    ok = train_job_score > 0.05
+    b = bins(train_key[ok])
+    q = train_targets[ok].double() / train_job_score[ok].double()
+    sums = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, b, q)
+    counts = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, b, torch.ones_like(q))
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    pred = means[bins(val_key)] * val_job_score.double()
+    return float(((pred - val_targets.double()) ** 2).mean()) if val_targets.numel() else float("nan")
+
+
+__all__ = ["TrainConfig", "TrainHistory", "calibrate_threshold", "evaluate_mse", "oracle_mse", "pooled_rates", "rotate_flip",
+           "selection_rates", "train_network"]
