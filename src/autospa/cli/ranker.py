@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--epochs", type=int, default=100, help="training epochs (default 100, as the shipped weights)")
     t.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default 5e-4, cosine decay)")
     t.add_argument("--batch_size", type=int, default=32, help="batch size (default 32)")
-    t.add_argument("--dropout", type=float, default=0.3, help="dropout in training (default 0.3, RELION's)")
+    t.add_argument("--dropout", type=float, default=0.1, help="dropout in training (default 0.1, as the shipped weights; RELION uses 0.3)")
     t.add_argument("--val_fraction", type=float, default=0.2, help="share of jobs held out (default 0.2)")
     t.add_argument("--final_train", action="store_true", help="train on every job (no held-out figures)")
     t.set_defaults(func=run_train)

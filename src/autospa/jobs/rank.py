@@ -39,7 +39,7 @@ from autospa.jobs.registry import option_bool, option_float, option_int, registe
 log = logging.getLogger(__name__)
 
 #: The shipped weights (package data).
-DEFAULT_WEIGHTS_NAME = "class_ranker_autospa_v2.ckpt"
+DEFAULT_WEIGHTS_NAME = "class_ranker_autospa_v3.ckpt"
 #: Threshold used when a model file carries no calibrated one (RELION 4.0's ``--min_score`` default).
 RELION_DEFAULT_MIN_SCORE = 0.5
 
