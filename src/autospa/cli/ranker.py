@@ -4,9 +4,10 @@ Examples (see ``autospa ranker train --help``)::
 
     autospa ranker train --corpus ranker_corpus --o class_ranker.ckpt    # < 35 min of corpus here
     # the shipped weights (weights/README.md): three corpus folders, then one training run
-    autospa ranker train --corpus rk_cpu --first 2000 --jobs 1000 --workers 2 --time_limit 3000 --o a.ckpt   # 2 cores
+    autospa ranker train --corpus rk_cpu --first 2000 --jobs 992 --workers 2 --time_limit 0 --o a.ckpt   # ~100 min, 2 cores
     autospa ranker train --corpus rk_gpu --first 1000 --jobs 400 --workers 15 --gpu_workers 3 --time_limit 250 --o b.ckpt
-    autospa ranker train --corpus rk_cpu rk_gpu rk_local --no_build --o class_ranker.ckpt   # 100 epochs, lr 5e-4
+    autospa ranker train --corpus rk_local --first 0 --jobs 4 --o c.ckpt
+    autospa ranker train --corpus rk_cpu rk_gpu rk_local --no_build --o class_ranker.ckpt   # 100 epochs, lr 5e-4, dropout 0.1
 
 ``train`` first completes the corpus (simulated 2D jobs classified with VDAM: jobs already
 finished are kept, ``--time_limit`` stops starting new ones), then computes the features and the
