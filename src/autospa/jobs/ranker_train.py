@@ -429,8 +429,8 @@ def oracle_floors(train: Sequence[JobExamples], val: Sequence[JobExamples]) -> d
     """Validation MSE of two oracles that know every class's job score and one truth quantity
     exactly (:func:`autospa.ranker.train.oracle_mse`, binned means over the ``train`` jobs): its
     template match (what a class average shows), or its purity (the share of real particles, which
-    an average mostly hides). The first is a floor for a model that reads the match off the average
-    perfectly but cannot tell the purity.
+    an average mostly hides). The first is what a model that read the match off the average perfectly,
+    but could not tell the purity, would be left with.
 
     Returns
     -------

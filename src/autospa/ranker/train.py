@@ -253,8 +253,9 @@ def oracle_mse(train_key: torch.Tensor, train_targets: torch.Tensor, train_job_s
                val_key: torch.Tensor, val_targets: torch.Tensor, val_job_score: torch.Tensor,
                n_bins: int = 100, low: float = -1.0, high: float = 1.0) -> float:
     """Validation MSE of a predictor that knows one truth quantity of every class exactly and the
-    job score, and nothing else: a floor on what any model that can only estimate that quantity
-    from the class average can reach.
+    job score, and nothing else: what is left of the targets when that quantity is known perfectly
+    (a model that only estimates it from the class average does no better, unless it also reads
+    something else that the targets depend on).
 
     The per-class part of the target (``target / job_score``) is averaged over the training
     classes in ``n_bins`` equal bins of ``key`` over ``[low, high]``; a validation class is
