@@ -94,8 +94,10 @@ def test_log_row_threshold_selects_what_row_threshold_selects():
         -torch.rand(m, generator=g) * 12,  # the bound is loose: the exact mass decides
         -torch.rand(m, generator=g) * 0.5,  # broad: the top k do not hold the fraction (full sort)
         torch.where(torch.rand(m, generator=g) < 0.5, -torch.inf, -torch.rand(m, generator=g) * 30),  # -inf entries
+        # a plateau of 400 beyond the k largest, the rest far below: only the entries within reach are sorted
+        torch.where(torch.randperm(m, generator=g) < 400, -torch.rand(m, generator=g) * 0.5, -50.0 - torch.rand(m, generator=g)),
     ]
-    logw = torch.stack(rows * 3)[torch.randperm(12, generator=g)] + 7.0  # an offset: the row maxima are not 0
+    logw = torch.stack(rows * 3)[torch.randperm(15, generator=g)] + 7.0  # an offset: the row maxima are not 0
     for fraction in (0.9, 0.999):
         for cap in (0, 60, 5000):
             thr, mx = es.log_row_threshold(logw, fraction, cap)

@@ -383,11 +383,55 @@ def _threshold_of_top(logw: torch.Tensor, vals: torch.Tensor, fraction: float, c
         j[open_rows] = _reach(csum[open_rows], exact, fraction).clamp_max(last)
     thr = vals.gather(1, j.clamp_max(k - 1)[:, None]).squeeze(1)
     short = torch.nonzero(j >= k).squeeze(1)  # (no cap) the k largest do not hold the fraction
-    if len(short):  # a full sort of those rows
-        srt = torch.sort(logw[short], dim=1, descending=True).values
-        c_full = torch.cumsum(torch.exp((srt - mx[short, None]).to(torch.float64)), 1)
-        thr[short] = srt.gather(1, _reach(c_full, c_full[:, -1], fraction).clamp_max(m - 1)[:, None]).squeeze(1)
+    if len(short):
+        thr[short] = _sorted_threshold(logw if len(short) == n else logw[short], mx[short], fraction)
     return torch.maximum(thr, mx - 100.0)
+
+
+def _sorted_threshold(rows: torch.Tensor, mx: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The full sort's threshold of rows ``(S, M)`` (row maxima ``mx (S,)``), sorting only the
+    entries that can be reached: with the row's exact mass ``total`` (weights relative to the
+    maximum), the entries more than ``depth = log(M / ((1 - fraction) total)) + 1`` below the
+    maximum weigh less than ``(1 - fraction) total`` together, so the cumulative sum reaches the
+    fraction above them; the sorted entries above, and so the threshold, are those of the full sort.
+    Broad rows (a large mass) thus sort few entries."""
+    s, m = rows.shape
+    total = torch.exp((rows - mx[:, None]).clamp_min(EXP_FLOOR)).sum(1, dtype=torch.float64)  # as the exact mass above
+    if fraction < 1.0:
+        depth = torch.log(m / ((1.0 - fraction) * total)) + 1.0
+    else:
+        depth = torch.full_like(total, math.inf)
+    keep = rows >= (mx - depth.to(rows.dtype))[:, None]
+    few = keep.sum(1, dtype=torch.int32) <= m // 4  # the others: a full sort (compacting would not pay)
+    thr = torch.empty_like(mx)
+    sub = torch.nonzero(few).squeeze(1)
+    off = torch.nonzero(~few).squeeze(1)
+    if len(sub):
+        pad, cnt, _, _ = _compact_rows(rows[sub], keep[sub])
+        srt = torch.sort(pad, dim=1, descending=True).values
+        csum = torch.cumsum(torch.exp((srt - mx[sub, None]).to(torch.float64)), 1)
+        j = _reach(csum, total[sub], fraction)
+        thr[sub] = srt.gather(1, j.clamp_max(srt.shape[1] - 1)[:, None]).squeeze(1)
+        off = torch.cat([off, sub[j >= cnt]])  # not expected (the bound has a margin of e)
+    if len(off):
+        full = torch.sort(rows[off], dim=1, descending=True).values
+        c_full = torch.cumsum(torch.exp((full - mx[off, None]).to(torch.float64)), 1)
+        thr[off] = full.gather(1, _reach(c_full, c_full[:, -1], fraction).clamp_max(m - 1)[:, None]).squeeze(1)
+    return thr
+
+
+def _compact_rows(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept entries of each row of ``values (N, M)`` packed to the left of an ``(N, W)`` block
+    padded with ``-inf`` (``W`` the largest count, at least 1), with the counts ``(N,)`` and the
+    kept entries' ``(rows, cols)`` in row-major order."""
+    n = values.shape[0]
+    c_r, c_c = torch.nonzero(keep, as_tuple=True)
+    cnt = torch.bincount(c_r, minlength=n)
+    width = max(1, int(cnt.max())) if n else 1
+    start = torch.cumsum(cnt, 0) - cnt
+    pad = torch.full((n, width), -torch.inf, dtype=values.dtype, device=values.device)
+    pad[c_r, torch.arange(len(c_r), device=values.device) - start[c_r]] = values[c_r, c_c]
+    return pad, cnt, c_r, c_c
 
 
 #: Log-weights within this of their row's maximum are the candidates :func:`significant_entries`
@@ -427,12 +471,8 @@ def significant_entries(logw: torch.Tensor, fraction: float, cap: int = 0) -> tu
     cnt = (logw >= floor[:, None]).sum(1, dtype=torch.int32).long()  # (a bool sum to int64 is slow on CPU)
     small = cnt <= CANDIDATE_MAX
     # candidates of the rows with few (row-major order); a broad row's floor is above its maximum
-    c_r, c_c = torch.nonzero(logw >= torch.where(small, floor, torch.inf)[:, None], as_tuple=True)
-    width = max(1, int(cnt[small].max()) if bool(small.any()) else 1)
-    start = torch.cumsum(cnt * small, 0) - cnt * small
-    pos = torch.arange(len(c_r), device=logw.device) - start[c_r]
-    pad = torch.full((n, width), -torch.inf, dtype=logw.dtype, device=logw.device)
-    pad[c_r, pos] = logw[c_r, c_c]
+    pad, _, c_r, c_c = _compact_rows(logw, logw >= torch.where(small, floor, torch.inf)[:, None])
+    width = pad.shape[1]
     if 0 < cap < width:  # with a cap the walk stops at the cap-th: only the largest cap in order
         srt = torch.topk(pad, cap, dim=1, sorted=True).values
         lower = torch.exp((pad - mx[:, None]).to(torch.float64)).sum(1)
