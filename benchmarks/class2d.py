@@ -80,7 +80,8 @@ def bench_estep(args) -> dict:
                               2.0, current, coarse_window(args.psi_step, current), 2)
         batch = es.ParticleBatch(images, ctf, torch.zeros(args.n, 2, device=device),
                                  torch.zeros(args.n, dtype=torch.long, device=device), torch.arange(args.n, device=device) % 2)
-        sampling = es.Sampling(psi_step_deg=args.psi_step, offset_step_px=args.offset_step, max_significants=5 * args.K)
+        maxsig = 5 * args.K if args.maxsig is None else args.maxsig
+        sampling = es.Sampling(psi_step_deg=args.psi_step, offset_step_px=args.offset_step, max_significants=maxsig)
         es.expectation(es.ParticleBatch(*(t[:64] for t in (batch.images, batch.ctf, batch.origin_px, batch.group, batch.half))),
                           model, sampling, mask)  # warm-up
         dt = math.inf
@@ -108,7 +109,8 @@ def bench_estep(args) -> dict:
         flops = 2.0 * args.n * t_c * 2 * f_c * args.K * r_c  # coarse GEMM
         rate = _matmul_rate(min(args.n, 512) * t_c, 2 * f_c, args.K * r_c, device)
         acc = float((res.class_index.cpu().numpy()[: len(tr)] + 1 == tr.rlnClassNumber.values).mean())
-        rows.append({"device": str(device), "current_size": current, "particles": args.n, "K": args.K, "seconds": dt,
+        rows.append({"device": str(device), "current_size": current, "particles": args.n, "K": args.K, "max_significants": maxsig,
+                     "seconds": dt,
                      "particles_per_s": args.n / dt, "coarse_gemm_gflops": flops / dt / 1e9,
                      "matmul_gflops": rate / 1e9, "coarse_fraction_of_matmul": flops / dt / rate,
                      "all_matmul_gflops": all_flops / dt / 1e9, "all_matmul_fraction_of_matmul": all_flops / dt / rate,
@@ -238,6 +240,8 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--psi_step", type=float, default=12.0, help="coarse psi step (RELION GUI 6 deg fine = 12)")
     p.add_argument("--offset_step", type=float, default=2.0, help="coarse offset step (RELION GUI 1 px fine = 2)")
+    p.add_argument("--maxsig", type=int, default=None,
+                   help="estep: cap on significant coarse hypotheses per particle (default 5 K; 0 = none, class2d's default)")
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--K", type=int, default=None)
     p.add_argument("--true_classes", type=int, default=10)
@@ -264,6 +268,8 @@ def main() -> int:
     tag = args.device.replace(":", "") if args.mode in ("estep", "compare") else args.mode
     if args.mode == "estep" and (args.psi_step, args.offset_step) != (12.0, 2.0):
         tag += f"_{args.psi_step:g}deg{args.offset_step:g}px"
+    if args.mode == "estep" and args.maxsig is not None:
+        tag += f"_maxsig{args.maxsig}"
     if args.mode == "compare" and (args.n, args.K) != (20000, 50):
         tag += f"_{args.n}_K{args.K}"
     if args.mode == "compare" and args.algorithms != "vdam,em":
