@@ -395,7 +395,7 @@ def _sorted_threshold(rows: torch.Tensor, mx: torch.Tensor, fraction: float) -> 
     maximum weigh less than ``(1 - fraction) total`` together, so the cumulative sum reaches the
     fraction above them; the sorted entries above, and so the threshold, are those of the full sort.
     Broad rows (a large mass) thus sort few entries."""
-    s, m = rows.shape
+    m = rows.shape[1]
     total = torch.exp((rows - mx[:, None]).clamp_min(EXP_FLOOR)).sum(1, dtype=torch.float64)  # as the exact mass above
     if fraction < 1.0:
         depth = torch.log(m / ((1.0 - fraction) * total)) + 1.0
