@@ -108,14 +108,15 @@ def test_log_row_threshold_selects_what_row_threshold_selects():
 
 
 def test_significant_entries_are_the_thresholded_entries():
-    """The sparse selection (candidates near the row maximum, a bound on the rest; the top-k rule
-    for broad or undecided rows) lists exactly the entries at or above log_row_threshold."""
+    """The sparse selection (each row's k + 1 largest; a scan of the row only for ties past the
+    k-th or uncapped rows whose k largest do not hold the fraction) lists exactly the entries at
+    or above log_row_threshold."""
     g = torch.Generator().manual_seed(6)
-    m = 3 * es.CANDIDATE_MAX
+    m = 48 * es.ROW_THRESHOLD_TOPK
     rows = [
         -torch.rand(m, generator=g) * 2000,  # sharp: few candidates
         -torch.rand(m, generator=g) * 60,  # about half the row within the candidate depth
-        -torch.rand(m, generator=g) * 0.5,  # broad: more candidates than CANDIDATE_MAX
+        -torch.rand(m, generator=g) * 0.5,  # broad: the k largest do not hold the fraction
         torch.where(torch.rand(m, generator=g) < 0.5, -torch.inf, -torch.rand(m, generator=g) * 300),  # -inf entries
         torch.cat([torch.zeros(3), torch.full((m - 3,), -31.0)]),  # a tail just below the depth holds mass
         torch.zeros(m),  # broad and all tied: the selection reaches past the k largest
@@ -135,6 +136,23 @@ def test_significant_entries_are_the_thresholded_entries():
     assert w[0] < 0.9 * w.sum() * (1 - 1e-12) and w[0] >= 0.9 * w[:2].sum() * (1 - 1e-12)
     got = es.significant_entries(row[None], 0.9)
     assert torch.equal(got[1], torch.tensor([0, 1]))
+
+
+def test_sum64_matches_the_float64_sum():
+    """sum64 (float32 blocks added in float64) agrees with the float64 sum to float32 rounding, over
+    one or several trailing dimensions, with and without a partial last block; other cases are
+    the plain float64 sum."""
+    g = torch.Generator().manual_seed(7)
+    for shape, dim in [((5, 3 * es.SUM64_BLOCK + 17), 1), ((4, 6, 700), (1, 2)), ((3, 100), -1), ((7, 2 * es.SUM64_BLOCK), 1)]:
+        x = torch.rand(shape, generator=g) * torch.rand(shape[:1] + (1,) * (len(shape) - 1), generator=g)
+        got = es.sum64(x, dim)
+        ref = x.double().sum(dim)
+        assert got.dtype == torch.float64 and got.shape == ref.shape
+        assert float(((got - ref) / ref).abs().max()) < 1e-6
+    x = torch.rand(50, 3, generator=g)
+    assert torch.equal(es.sum64(x, 0), x.sum(0, dtype=torch.float64))  # not trailing: the plain sum
+    xd = x.double()
+    assert torch.equal(es.sum64(xd, 1), xd.sum(1))
 
 
 def test_estep_finds_true_poses_and_posteriors_sum_to_one(sim):
