@@ -568,13 +568,11 @@ def expectation(
     t_c, r_c = len(prep.trans_c), prep.n_coarse
     # floats of the largest blocks per particle: coarse (T, K*R) scores; fine (rows, cols)
     # scores and (rows, 2F) phased images, rows = 4 x the translations holding significant
-    # hypotheses and cols = C x the significant (class, orientation) pairs. A chunk holds
-    # global_chunk_budget of them; its fine pass runs in groups of at most chunk_budget (larger
-    # groups put (rows, F) temporaries out of cache: twice the time for broad posteriors at 64 px)
+    # hypotheses and cols = C x the significant (class, orientation) pairs
+    # (the fine pass splits a chunk further into groups that fit, _expectation_chunk)
     cap = sampling.max_significants
     rows = 4 * (min(t_c, cap) if cap > 0 else t_c)
     per_particle = max(1, t_c * k * r_c * 3 + rows * 2 * len(prep.idx_m))
-    group_particles = max(1, chunk_budget(device) // per_particle)
     if chunk_particles is None:
         chunk_particles = max(1, min(n, global_chunk_budget(device) // per_particle))
     n_cols = k * r_c * prep.n_children
@@ -586,7 +584,7 @@ def expectation(
     for start in range(0, n, chunk_particles):
         sl = slice(start, min(n, start + chunk_particles))
         sub = batch.subset(sl)
-        results.extend(_expectation_chunk(sub, model, sampling, mask, prep, stats, acc, group_particles))
+        results.extend(_expectation_chunk(sub, model, sampling, mask, prep, stats, acc))
     if acc is not None:
         acc.flush()
         used = torch.nonzero((acc.weight != 0).any(-1).any(0)).squeeze(1)
@@ -646,11 +644,13 @@ ACCUMULATE_MAX = 48_000_000
 CHUNK_BUDGET = 32_000_000
 
 #: The number of particles of a chunk of the global search (CPU) is set by this many floats per
-#: chunk instead (384 MB): chunks of a few hundred particles at 6 deg / 1 px run about 17 % faster
-#: than at :data:`CHUNK_BUDGET` (fewer, larger ops per particle). The fine pass still splits a chunk
-#: into groups of :data:`CHUNK_BUDGET`: larger groups make its shared GEMMs span more columns that
-#: most of their particles do not need (twice the time for broad, uncapped posteriors).
+#: chunk instead (384 MB): chunks of a few hundred particles at 6 deg / 1 px run about 15 % faster
+#: than at :data:`CHUNK_BUDGET` (fewer, larger ops per particle). The fine pass splits a chunk
+#: into groups within :data:`CHUNK_BUDGET` and :data:`FINE_ROW_BUDGET`.
 GLOBAL_CHUNK_BUDGET = 96_000_000
+
+#: Floats of the fine pass's (rows, 2 F) phased images per group of particles (64 MB).
+FINE_ROW_BUDGET = 16_000_000
 
 #: The same on a GPU: bigger chunks mean fewer kernel launches and host synchronisations per
 #: particle (at 128 MB blocks a GPU E-step is bound by launches, not arithmetic).
@@ -1169,8 +1169,7 @@ def _fine_sparse(n, hp, ht, lc, row_of, n_par, n_lc, pw_f, norm_f, xnorm_f, roun
 SPARSE_FINE_WASTE = 30.0
 
 
-def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats, acc=None,
-                       group_particles: int | None = None) -> list[ParticleResult]:
+def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats, acc=None) -> list[ParticleResult]:
     device = batch.images.device
     n, box, _ = batch.images.shape
     k = model.ref_ft.shape[0]
@@ -1213,21 +1212,22 @@ def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats, acc
     h_t, h_c = h_j // kr, h_j % kr  # significant (particle, translation, class * R + psi), by particle
     n_sig = torch.bincount(h_p, minlength=n)
 
-    # --- fine pass over groups of at most group_particles particles whose (rows x live columns)
-    # block fits the budget
+    # --- fine pass over groups of particles whose (rows x live columns) block fits the budget and
+    # whose (rows, 2 F) phased images fit FINE_ROW_BUDGET (larger ones fall out of cache: twice
+    # the time of the dense path for broad posteriors at 64 px)
     live_per_particle = torch.bincount(torch.unique(h_p * kr + h_c) // kr, minlength=n).tolist()
     rows_per_particle = (torch.bincount(torch.unique(h_p * t_c + h_t) // t_c, minlength=n) * 4).tolist()
     bounds = torch.searchsorted(h_p, torch.arange(n + 1, device=device)).tolist()
     out, start = [], 0
     n_cols = kr * prep.n_children
     budget = chunk_budget(device)
-    group_max = group_particles or n
+    row_max = max(1, FINE_ROW_BUDGET // (2 * len(prep.idx_m)))
     while start < n:
         stop, cols_sum, rows_sum = start, 0, 0
         while stop < n:
             c_new = min(n_cols, cols_sum + live_per_particle[stop] * prep.n_children)
             r_new = rows_sum + rows_per_particle[stop]
-            if stop > start and (c_new * r_new > budget or stop - start >= group_max):
+            if stop > start and (c_new * r_new > budget or r_new > row_max):
                 break
             cols_sum, rows_sum, stop = c_new, r_new, stop + 1
         sl, e = slice(start, stop), slice(bounds[start], bounds[stop])
