@@ -566,15 +566,15 @@ def expectation(
 
     model, prep = _prepared(model, sampling, box, device)
     t_c, r_c = len(prep.trans_c), prep.n_coarse
-    # floats of the largest blocks per particle: coarse (T, K*R) scores; fine (rows, cols)
-    # scores and (rows, 2F) phased images, rows = 4 x the translations holding significant
-    # hypotheses and cols = C x the significant (class, orientation) pairs
-    # (the fine pass splits a chunk further into groups that fit, _expectation_chunk)
-    cap = sampling.max_significants
-    rows = 4 * (min(t_c, cap) if cap > 0 else t_c)
-    per_particle = max(1, t_c * k * r_c * 3 + rows * 2 * len(prep.idx_m))
     if chunk_particles is None:
-        chunk_particles = max(1, min(n, global_chunk_budget(device) // per_particle))
+        # floats of the largest blocks per particle: coarse (T, K*R) scores; fine (rows, cols)
+        # scores and (rows, 2F) phased images, rows = 4 x the translations holding significant
+        # hypotheses and cols = C x the significant (class, orientation) pairs
+        # (the fine pass splits a chunk further into groups that fit, _expectation_chunk)
+        cap = sampling.max_significants
+        rows = 4 * (min(t_c, cap) if cap > 0 else t_c)
+        per_particle = t_c * k * r_c * 3 + rows * 2 * len(prep.idx_m)
+        chunk_particles = max(1, min(n, global_chunk_budget(device) // max(1, per_particle)))
     n_cols = k * r_c * prep.n_children
     # per-column sums of the whole call, back-projected once at the end when they fit
     acc = None
@@ -649,7 +649,8 @@ CHUNK_BUDGET = 32_000_000
 #: into groups within :data:`CHUNK_BUDGET` and :data:`FINE_ROW_BUDGET`.
 GLOBAL_CHUNK_BUDGET = 96_000_000
 
-#: Floats of the fine pass's (rows, 2 F) phased images per group of particles (64 MB).
+#: Floats of the fine pass's (rows, 2 F) phased images per group of particles (CPU: 64 MB; on a
+#: GPU groups are bounded by :data:`CHUNK_BUDGET_CUDA` alone).
 FINE_ROW_BUDGET = 16_000_000
 
 #: The same on a GPU: bigger chunks mean fewer kernel launches and host synchronisations per
@@ -1221,7 +1222,7 @@ def _expectation_chunk(batch, model, sampling, mask, prep: _Prepared, stats, acc
     out, start = [], 0
     n_cols = kr * prep.n_children
     budget = chunk_budget(device)
-    row_max = max(1, FINE_ROW_BUDGET // (2 * len(prep.idx_m)))
+    row_max = max(1, (budget if device.type == "cuda" else FINE_ROW_BUDGET) // (2 * len(prep.idx_m)))
     while start < n:
         stop, cols_sum, rows_sum = start, 0, 0
         while stop < n:
