@@ -87,7 +87,8 @@ def bench_estep(args) -> dict:
         t_c = len(translation_grid(5.0, args.offset_step))
         r_c = len(psi_grid(args.psi_step))
         f_c = len(es.window_indices(64, model.coarse_size))
-        rate_before = _matmul_rate(min(args.n, 512) * t_c, 2 * f_c, args.K * r_c, device)
+        gemm_shape = (min(args.n, 512) * t_c, 2 * f_c, args.K * r_c)  # the coarse GEMM's (M, K, N)
+        rate_before = _matmul_rate(*gemm_shape, device)
         dt = math.inf
         for _ in range(args.repeats):  # the best of a few calls (this machine's other load varies)
             es.clear_prep_cache()  # the timed call prepares its model (projections, phases) as a task does
@@ -110,7 +111,7 @@ def bench_estep(args) -> dict:
         flops = 2.0 * args.n * t_c * 2 * f_c * args.K * r_c  # coarse GEMM
         # the machine's speed drifts (shared hosts): the rate is the best of one measurement
         # before the timed calls and one after, so that the fraction is not flattered by a slow spell
-        rate = max(rate_before, _matmul_rate(min(args.n, 512) * t_c, 2 * f_c, args.K * r_c, device))
+        rate = max(rate_before, _matmul_rate(*gemm_shape, device))
         acc = float((res.class_index.cpu().numpy()[: len(tr)] + 1 == tr.rlnClassNumber.values).mean())
         rows.append({"device": str(device), "current_size": current, "particles": args.n, "K": args.K, "max_significants": maxsig,
                      "seconds": dt,

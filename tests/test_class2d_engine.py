@@ -114,11 +114,11 @@ def test_significant_entries_are_the_thresholded_entries():
     g = torch.Generator().manual_seed(6)
     m = 48 * es.ROW_THRESHOLD_TOPK
     rows = [
-        -torch.rand(m, generator=g) * 2000,  # sharp: few candidates
-        -torch.rand(m, generator=g) * 60,  # about half the row within the candidate depth
+        -torch.rand(m, generator=g) * 2000,  # sharp: the k largest hold the fraction, the bound decides
+        -torch.rand(m, generator=g) * 60,  # loose bound on the rest: tighter bounds or the exact mass decide
         -torch.rand(m, generator=g) * 0.5,  # broad: the k largest do not hold the fraction
         torch.where(torch.rand(m, generator=g) < 0.5, -torch.inf, -torch.rand(m, generator=g) * 300),  # -inf entries
-        torch.cat([torch.zeros(3), torch.full((m - 3,), -31.0)]),  # a tail just below the depth holds mass
+        torch.cat([torch.zeros(3), torch.full((m - 3,), -31.0)]),  # a long low tail holds mass
         torch.zeros(m),  # broad and all tied: the selection reaches past the k largest
         -(torch.rand(m, generator=g) * 20).round(),  # broad with ties at every level
     ]

@@ -495,7 +495,7 @@ def significant_entries(logw: torch.Tensor, fraction: float, cap: int = 0) -> tu
     rows, cols
         ``(S,)`` each: the significant entries, sorted by row and then column.
     """
-    n, m = logw.shape
+    m = logw.shape[1]
     capped, k = _top_size(m, cap)
     top_v, top_i = torch.topk(logw, min(m, k + 1), dim=1, sorted=True)
     thr = _threshold_of_top(logw, top_v[:, :k], fraction, capped)
