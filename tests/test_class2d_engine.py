@@ -361,6 +361,12 @@ def test_block_buckets_cover_every_particle_once_and_bound_the_padding():
         own = int((r[b] * c[b]).sum())
         padded = int(r[b].max() * c[b].max()) * len(b)
         assert padded <= es.BLOCK_PADDING * own + 256 * len(b) or len(b) == 1
+    # the GPU's looser padding: fewer, larger buckets within their own bound
+    loose = es._block_buckets(r, c, max_lines=10**9, padding=es.BLOCK_PADDING_CUDA)
+    assert torch.equal(torch.sort(torch.cat(loose)).values, torch.arange(500)) and len(loose) < len(buckets)
+    for b in loose:
+        own = int((r[b] * c[b]).sum())
+        assert int(r[b].max() * c[b].max()) * len(b) <= es.BLOCK_PADDING_CUDA * own + 256 * len(b) or len(b) == 1
     # a memory bound smaller than one block still gives every particle its own bucket
     tiny = es._block_buckets(r, c, max_lines=1)
     assert len(tiny) == 500

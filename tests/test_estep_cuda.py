@@ -67,3 +67,28 @@ def test_estep_on_cuda_equals_cpu(case, monkeypatch, path, psi_step, offset_step
     same &= (r_cpu.origin_px == r_gpu.origin_px.cpu()).all(1)
     assert float(same.double().mean()) >= 0.98
     assert torch.allclose(r_cpu.max_posterior, r_gpu.max_posterior.cpu(), atol=2e-3)
+
+
+def test_estep_on_cuda_in_many_small_chunks_equals_cpu(case, monkeypatch):
+    """A GPU budget far below the default: many chunks, fine-pass groups and buckets, the
+    call-wide column sums; the result is the CPU's."""
+    monkeypatch.setattr(es, "CHUNK_BUDGET_CUDA", 3_000_000)
+    monkeypatch.setattr(es, "CHUNK_BUDGET_CUDA_MIN", 3_000_000)
+    assert es.chunk_budget(torch.device("cuda")) == 3_000_000
+    model, batch, mask = case
+    sampling = es.Sampling(psi_step_deg=6.0, offset_step_px=1.0, max_significants=25)
+    s_cpu, r_cpu = es.expectation(batch, model, sampling, mask)
+    b_gpu = es.ParticleBatch(*(t.cuda() for t in (batch.images, batch.ctf, batch.origin_px, batch.group, batch.half)))
+    s_gpu, r_gpu = es.expectation(b_gpu, model.to("cuda"), sampling, mask.cuda())
+    for f in STAT_FIELDS:
+        a, b = _wide(getattr(s_cpu, f)), _wide(getattr(s_gpu, f))
+        assert float((a - b).abs().max()) <= 2e-3 * max(float(a.abs().max()), 1e-12), f
+    assert float((r_cpu.class_index == r_gpu.class_index.cpu()).double().mean()) >= 0.98
+
+
+def test_gpu_chunk_budget_follows_the_card_memory():
+    total = torch.cuda.get_device_properties(0).total_memory
+    budget = es.chunk_budget(torch.device("cuda"))
+    assert es.CHUNK_BUDGET_CUDA_MIN <= budget <= es.CHUNK_BUDGET_CUDA
+    assert budget == min(es.CHUNK_BUDGET_CUDA, max(es.CHUNK_BUDGET_CUDA_MIN, total // (4 * es.CUDA_MEMORY_SHARE)))
+    assert es.global_chunk_budget(torch.device("cuda")) == budget

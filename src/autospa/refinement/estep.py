@@ -650,24 +650,44 @@ CHUNK_BUDGET = 32_000_000
 GLOBAL_CHUNK_BUDGET = 96_000_000
 
 #: Floats of the fine pass's (rows, 2 F) phased images per group of particles (CPU: 64 MB; on a
-#: GPU groups are bounded by :data:`CHUNK_BUDGET_CUDA` alone).
+#: GPU groups are bounded by its :func:`chunk_budget` alone).
 FINE_ROW_BUDGET = 16_000_000
 
 #: The same on a GPU: bigger chunks mean fewer kernel launches and host synchronisations per
-#: particle (at 128 MB blocks a GPU E-step is bound by launches, not arithmetic).
-CHUNK_BUDGET_CUDA = 256_000_000
+#: particle (a GPU E-step is bound by launches, not arithmetic). Measured on an H200, 20,000
+#: particles, K = 12, the state of benchmarks/class2d.py estep --device cuda: 1 G floats with
+#: :data:`BLOCK_PADDING_CUDA` against 256 M with :data:`BLOCK_PADDING`, 0.58 -> 0.083 s (12 deg /
+#: 2 px, 32 px) and 1.60 -> 0.38 s (6 deg / 1 px, 64 px), peak memory 3 -> 10 GB (about 2.5
+#: blocks). A GPU with less memory gets less: see :func:`chunk_budget`.
+CHUNK_BUDGET_CUDA = 1_000_000_000
+
+#: The smallest GPU budget (the earlier fixed one: peak use about 3 GB).
+CHUNK_BUDGET_CUDA_MIN = 256_000_000
+
+#: Between those two, a GPU's budget is its memory (bytes) over this many float32 bytes (an
+#: 80 GB card: 625 M floats, a peak near 7 GB).
+CUDA_MEMORY_SHARE = 32
+
+#: The local (3D) searches keep their blocks within this on a GPU (not measured larger).
+LOCAL_CHUNK_BUDGET_CUDA = 256_000_000
 
 
 def chunk_budget(device: torch.device) -> int:
-    """Floats of the largest temporary block on ``device`` (:data:`CHUNK_BUDGET` or
-    :data:`CHUNK_BUDGET_CUDA`)."""
-    return CHUNK_BUDGET_CUDA if torch.device(device).type == "cuda" else CHUNK_BUDGET
+    """Floats of the largest temporary block on ``device``: :data:`CHUNK_BUDGET` on the CPU; on
+    a GPU its memory over ``4 x`` :data:`CUDA_MEMORY_SHARE`, within :data:`CHUNK_BUDGET_CUDA_MIN`
+    and :data:`CHUNK_BUDGET_CUDA`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CHUNK_BUDGET
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    share = torch.cuda.get_device_properties(index).total_memory // (4 * CUDA_MEMORY_SHARE)
+    return int(min(CHUNK_BUDGET_CUDA, max(CHUNK_BUDGET_CUDA_MIN, share)))
 
 
 def global_chunk_budget(device: torch.device) -> int:
     """Floats per chunk of particles of the global search on ``device`` (:data:`GLOBAL_CHUNK_BUDGET`
-    or :data:`CHUNK_BUDGET_CUDA`)."""
-    return CHUNK_BUDGET_CUDA if torch.device(device).type == "cuda" else GLOBAL_CHUNK_BUDGET
+    or the GPU's :func:`chunk_budget`)."""
+    return chunk_budget(device) if torch.device(device).type == "cuda" else GLOBAL_CHUNK_BUDGET
 
 
 def orientation_grid(sampling: Sampling, device=None) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -973,12 +993,19 @@ def _fine_dense(n, row_p, row_tf, colmask, pw_f, norm_f, xnorm_f, row_logoff, co
 #: (particles are sorted by block size and grouped so that padding stays below this).
 BLOCK_PADDING = 1.5
 
+#: The same on a GPU, where a bucket costs a few dozen kernel launches and host synchronisations
+#: whatever its size: fewer, more padded buckets are faster (H200, 6 deg / 1 px, 32 px: 0.91 s
+#: at 1.5, 0.40 s at 4, 0.35 s at 16, 0.34 s at 64 per 20,000 particles).
+BLOCK_PADDING_CUDA = 16.0
 
-def _block_buckets(r_cnt: torch.Tensor, c_cnt: torch.Tensor, max_lines: int) -> list[torch.Tensor]:
+
+def _block_buckets(r_cnt: torch.Tensor, c_cnt: torch.Tensor, max_lines: int, padding: float | None = None
+                   ) -> list[torch.Tensor]:
     """Group particles into buckets whose blocks, padded to the bucket's largest rows and columns,
-    hold at most :data:`BLOCK_PADDING` times their own entries (plus a little slack, so that
+    hold at most ``padding`` (default :data:`BLOCK_PADDING`) times their own entries (plus a little slack, so that
     buckets do not become tiny), and whose padded rows plus columns (the ``(rows + columns, Ff)``
     arrays a bucket holds) number at most ``max_lines``; particles sorted by block size."""
+    padding = BLOCK_PADDING if padding is None else padding
     r_t, c_t = r_cnt.cpu().long(), c_cnt.cpu().long().clamp_min(1)
     order_t = torch.argsort((r_t * c_t) * (int(c_t.max()) + 1) + c_t, stable=True)
     order, r, c = order_t.tolist(), r_t.tolist(), c_t.tolist()
@@ -990,7 +1017,7 @@ def _block_buckets(r_cnt: torch.Tensor, c_cnt: torch.Tensor, max_lines: int) -> 
             r_new, c_new = max(r_max, r[i]), max(c_max, c[i])
             own_new = own + r[i] * c[i]
             count = stop - start + 1
-            if stop > start and (r_new * c_new * count > BLOCK_PADDING * own_new + 256 * count
+            if stop > start and (r_new * c_new * count > padding * own_new + 256 * count
                                  or (r_new + c_new) * count > max_lines):
                 break
             r_max, c_max, own, stop = r_new, c_new, own_new, stop + 1
@@ -1041,7 +1068,8 @@ def _fine_blocks(n, row_p, row_tf, colmask, live, pw_f, norm_f, xnorm_f, row_log
     g_rows = torch.zeros(n_rows, device=device, dtype=torch.float64)
     cross_pix = torch.empty(n, x_f.shape[1], device=device, dtype=rdt)
     max_lines = max(1, chunk_budget(device) // max(1, 4 * pw_c.shape[1]))  # (rows + columns, Ff) arrays that fit
-    for pb in _block_buckets(r_cnt, c_cnt, max_lines):
+    padding = BLOCK_PADDING_CUDA if device.type == "cuda" else BLOCK_PADDING
+    for pb in _block_buckets(r_cnt, c_cnt, max_lines, padding):
         nb = len(pb)
         u_max = max(1, int(r_cnt[pb].max()))
         j = torch.arange(u_max, device=device)
@@ -1406,7 +1434,10 @@ def _expectation_local(batch: ParticleBatch, model: EStepModel, sampling: Sampli
     idx_m = window_indices(box, model.current_size, device, include_dc=True)
     if chunk_particles is None:
         per_particle = k * len(deltas) * (6 * len(idx_f) + 4 * len(idx_m) + 3 * len(trans)) + 4 * len(trans) * len(idx_m)
-        chunk_particles = max(1, min(n, chunk_budget(device) // max(1, per_particle)))
+        budget = chunk_budget(device)
+        if torch.device(device).type == "cuda":
+            budget = min(budget, LOCAL_CHUNK_BUDGET_CUDA)
+        chunk_particles = max(1, min(n, budget // max(1, per_particle)))
     # back-projections of all chunks, Hermitian-completed once at the end
     raw = [torch.zeros_like(stats.data, dtype=torch.complex64), torch.zeros_like(stats.weight, dtype=torch.float32)]
     ref_channels = slices.channels(model.ref_ft)
