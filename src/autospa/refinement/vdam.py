@@ -108,14 +108,11 @@ def vdam_update(
     if m1 is None:
         m1 = torch.zeros((2, k) + (pd,) * ndim, dtype=v.dtype, device=device)
         u = torch.full((k,) + (pd,) * ndim, MOM2_INIT, dtype=v.real.dtype, device=device)
-    m1 = m1.clone()
-    u = u.clone()
-    for h in range(2):
-        for c in range(k):
-            if torch.count_nonzero(m1[h, c]) == 0:  # first use: m = G
-                m1[h, c] = grad[h, c]
-            else:  # only inside the current r_max, no bias correction
-                m1[h, c] = torch.where(inside[0], BETA1 * m1[h, c] + (1 - BETA1) * grad[h, c], m1[h, c])
+    # first use of a (half, class) moment: m = G; else an EMA inside the current r_max, no bias
+    # correction (one pass over all of them: no per-class loop, no host synchronisation)
+    fresh = ~m1.reshape(2, k, -1).ne(0).any(-1)  # (2, K)
+    ema = torch.where(inside, BETA1 * m1 + (1 - BETA1) * grad, m1)
+    m1 = torch.where(fresh.reshape((2, k) + (1,) * ndim), grad, ema)
     # [paper != code] the paper tracks |G1 - G2|^2; the code normalises it by the squared mean
     diff2 = (grad[0] - grad[1]).abs() ** 2
     mean2 = ((grad[0] + grad[1]) / 2).abs() ** 2
