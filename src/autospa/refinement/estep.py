@@ -576,9 +576,11 @@ def expectation(
         per_particle = t_c * k * r_c * 3 + rows * 2 * len(prep.idx_m)
         chunk_particles = max(1, min(n, global_chunk_budget(device) // max(1, per_particle)))
     n_cols = k * r_c * prep.n_children
-    # per-column sums of the whole call, back-projected once at the end when they fit
+    # per-column sums of the whole call, back-projected once at the end when they fit (also for
+    # one chunk: its fine pass may run in several groups, which share most of their columns; a
+    # back-projection per group cost 8x the stencils in a 3D global search of 400 particles)
     acc = None
-    if n > chunk_particles and n_cols * len(prep.idx_m) <= ACCUMULATE_MAX:
+    if n_cols * len(prep.idx_m) <= ACCUMULATE_MAX:
         acc = _ColumnSums(n_cols, len(prep.idx_m), device)
     results = []
     for start in range(0, n, chunk_particles):
