@@ -872,12 +872,13 @@ def _backproject_columns(values: list[torch.Tensor], cols: torch.Tensor, model: 
     out = [v.new_zeros(grid) for v in values]
     for s in range(0, len(cols), COLUMN_BLOCK):
         c = cols[s : s + COLUMN_BLOCK]
-        orient, of_col = torch.unique(c % rc, return_inverse=True)
+        o = c % rc
+        orient, of_col = torch.unique(o, return_inverse=True)
         if len(orient) < len(c):
             st = slices.stencil(prep.fine_mats[orient], prep.f_m, box, model.pad)
             st = slices.Interp(st.index[of_col], st.weight[of_col], st.padded_box, st.ndim)
         else:
-            st = slices.stencil(prep.fine_mats[c % rc], prep.f_m, box, model.pad)
+            st = slices.stencil(prep.fine_mats[o], prep.f_m, box, model.pad)
         for o, v in zip(out, values):
             o += slices.scatter_columns(v[s : s + COLUMN_BLOCK], c // rc, st, k)
     return [slices.hermitian_complete(o, model.ndim) for o in out]
