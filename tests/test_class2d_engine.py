@@ -427,14 +427,18 @@ def test_plan_tasks_covers_every_particle_once_and_packs_sparse_batches():
 
 def test_backprojection_shares_stencils_across_classes(sim):
     """Columns of several classes at one orientation share one stencil: the sums equal those
-    of a stencil per column, for columns in any order (also all orientations distinct)."""
+    of a stencil per column, for columns in any order (also all orientations distinct), through
+    the sparse product of all classes (all columns; a random subset of them) and the scattered
+    adds (few columns per orientation)."""
     mask = circular_mask(BOX, 25)
     _, model = _true_model(sim, mask, current_size=32)
     model, prep = es._prepared(model, es.Sampling(**FAST), BOX, torch.device("cpu"))
     k, rc = model.ref_ft.shape[0], prep.fine_mats.shape[0]
     gen = torch.Generator().manual_seed(7)
     distinct = torch.randperm(rc, generator=gen) + rc * (torch.arange(rc) % k)  # every orientation once, unsorted
-    for cols in (torch.randperm(k * rc, generator=gen)[: 2 * rc], distinct):
+    assert es._shared_backprojection(model, prep, 2 * rc, torch.device("cpu"))
+    assert not es._shared_backprojection(model, prep, rc // 4, torch.device("cpu"))
+    for cols in (torch.arange(k * rc), torch.randperm(k * rc, generator=gen)[: 2 * rc], distinct[: rc // 4], distinct):
         vals = [torch.randn(len(cols), len(prep.idx_m), dtype=torch.complex64, generator=gen),
                 torch.rand(len(cols), len(prep.idx_m), generator=gen)]
         got = es._backproject_columns(vals, cols, model, prep, BOX)

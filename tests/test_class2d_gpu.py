@@ -65,6 +65,35 @@ def test_chunk_is_read_onto_the_gpu_and_cached_there(sim, store):
     mr.clear_chunk_cache()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="needs cupy (the gpu extra)")
+def test_store_as_a_dask_array_with_cupy_meta(sim, store):
+    """The store's images as dask-cuda users expect them: a dask array with cupy meta whose
+    blocks are cupy arrays on the GPU, equal to the CPU's; a block goes to torch through DLPack
+    without a copy, and a map task's chunk is that same block."""
+    import cupy
+    import dask.array as da
+
+    from autospa.io.zarr_store import open_store
+
+    stack = open_store(store)
+    arr = stack.gpu_images()
+    assert isinstance(arr, da.Array) and isinstance(arr._meta, cupy.ndarray)
+    assert arr.dtype == np.float32 and arr.shape == (len(sim.truth), BOX, BOX)
+    assert arr.chunks[0] == stack.images.chunks[0]
+    block = arr.blocks[1].compute()
+    assert isinstance(block, cupy.ndarray) and block.device.id == 0
+    assert np.array_equal(cupy.asnumpy(block), sim.images[64:128].numpy())
+    as_torch = torch.from_dlpack(block)
+    assert as_torch.is_cuda and as_torch.data_ptr() == block.data.ptr  # no copy
+    # dask reductions run on the GPU blocks and agree with the host
+    assert float(arr.mean().compute()) == pytest.approx(float(sim.images.double().mean()), rel=1e-5)
+    mr.clear_chunk_cache()
+    assert torch.equal(mr.load_chunk(str(store), 64, 128, torch.device("cuda")), as_torch)
+    sub = stack.isel(np.arange(10, 20)).gpu_images().compute()  # a selection keeps the cupy meta
+    assert isinstance(sub, cupy.ndarray) and np.array_equal(cupy.asnumpy(sub), sim.images[10:20].numpy())
+    mr.clear_chunk_cache()
+
+
 def _model(sim, mask):
     ps, isum, n = rinit.power_sums(es.soft_mask_background(sim.images, mask))
     s2 = rinit.initial_sigma2(ps, isum, n)

@@ -188,6 +188,22 @@ class ParticleStack:
         block = self.images[start:stop].compute(scheduler="sync")
         return np.asarray(block, dtype=np.float32)
 
+    def gpu_images(self, device_index: int = 0):
+        """``(n, box, box)`` float32 dask array of the images with cupy meta: each chunk, once
+        computed, is a cupy array on GPU ``device_index`` (what dask-cuda users expect; hand a
+        block to torch without a copy with ``torch.from_dlpack``).
+
+        Raises
+        ------
+        ImportError
+            cupy is not installed (the ``gpu`` extra).
+        """
+        import cupy
+
+        with cupy.cuda.Device(device_index):
+            meta = cupy.empty((0, 0, 0), dtype=cupy.float32)
+        return self.images.map_blocks(to_cupy, device_index, dtype=np.float32, meta=meta)
+
     def chunk_sources(self) -> list[tuple[str, int, int]]:
         """``(store_path, start, stop)`` per chunk, in store coordinates, for tasks that re-open chunks.
 
@@ -229,4 +245,16 @@ class ParticleStack:
         return f"ParticleStack({self.n_particles} particles, box {self.box}, {self.dtype.name}, {self.n_chunks} chunks{src})"
 
 
-__all__ = ["IMAGES", "STORE_FORMAT_ATTR", "ParticleStack"]
+def to_cupy(block: np.ndarray, device_index: int = 0):
+    """A block of images as a float32 cupy array on GPU ``device_index`` (one host-to-device copy).
+
+    The chunks of :meth:`ParticleStack.gpu_images` and the chunks the map-reduce tasks of a GPU
+    worker read go through this one function.
+    """
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        return cupy.asarray(np.asarray(block, dtype=np.float32))
+
+
+__all__ = ["IMAGES", "STORE_FORMAT_ATTR", "ParticleStack", "to_cupy"]

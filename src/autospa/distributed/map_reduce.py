@@ -23,8 +23,9 @@ less than a quarter of a chunk of a store bigger than half the cache (a mini-bat
 larger than memory) reads only its particles and caches nothing, so memory stays bounded whatever
 the store's size. Cached chunks are keyed by the store's stamp (its image metadata's modification
 time), so a store written anew at the same path is read afresh. On a CUDA
-worker the chunk lives on the GPU: the Zarr read becomes a cupy array when cupy is installed,
-and is handed to torch through DLPack without a copy.
+worker the chunk lives on the GPU: the Zarr read becomes a cupy array when cupy is installed (the
+same block :meth:`~autospa.data.particle_stack.ParticleStack.gpu_images`, the dask array with
+cupy meta, computes), and is handed to torch through DLPack without a copy.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from autospa.data.particle_stack import to_cupy
 from autospa.io.zarr_store import read_store_chunk, read_store_images, store_images_info
 from autospa.numerics.ctf import ctf_2d
 from autospa.refinement.estep import EStepModel, ParticleBatch, ParticleResult, Sampling, expectation
@@ -107,10 +109,8 @@ def _cache_limit() -> int:
 def _to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         try:
-            import cupy  # noqa: F401  (GPU extra)
-
-            with cupy.cuda.Device(device.index or 0):
-                return torch.from_dlpack(cupy.asarray(images))  # zero-copy hand-over
+            # the chunk as ParticleStack.gpu_images gives it (cupy), then zero-copy to torch
+            return torch.from_dlpack(to_cupy(images, device.index or 0))
         except ImportError:
             return torch.from_numpy(images).to(device)
     return torch.from_numpy(images)

@@ -17,6 +17,8 @@ pre-correct references before padding and post-correct reconstructions (RELION d
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -282,6 +284,63 @@ def scatter_columns(values: torch.Tensor, class_index: torch.Tensor, st: Interp,
     out = values.new_zeros((n_classes * size,))
     out.index_add_(0, (st.index + class_index.to(st.index.device)[:, None, None] * size).reshape(-1), contrib)
     return out.reshape((n_classes,) + (pd,) * st.ndim)
+
+
+def scatter_columns_shared(values: Sequence[torch.Tensor], st: Interp, n_classes: int) -> list[torch.Tensor]:
+    """:func:`scatter_columns` of several arrays at once, for columns that share their stencils:
+    every class has a column at each of the stencil's R orientations, row ``class * R + r``.
+
+    All classes and arrays go through one sparse product ``S @ V``: ``S`` (grid points x
+    (orientation, frequency)) holds the stencil's weights and ``V`` ((orientation, frequency) x
+    (array part, class)) the values, so the work per stencil entry is a row of ``parts * K``
+    values rather than one scattered add each (2D classification with K = 50 on a CPU: 3 to 6
+    times less time than :func:`scatter_columns`).
+
+    Parameters
+    ----------
+    values
+        ``(K * R, F)`` arrays, real or complex.
+    st
+        Stencil with R orientations and F frequencies.
+    n_classes
+        K.
+
+    Returns
+    -------
+    list of torch.Tensor
+        One ``(K,) + (P*D,) * n`` grid per array (its dtype), not Hermitian-completed.
+    """
+    pd = st.padded_box
+    size = pd**st.ndim
+    r, f, c = st.index.shape
+    k = n_classes
+    real_dtype = values[0].real.dtype if values[0].is_complex() else values[0].dtype
+    parts = [(torch.view_as_real(v) if v.is_complex() else v[..., None]).reshape(k, r * f, -1) for v in values]
+    width = sum(p.shape[-1] for p in parts)
+    dense = torch.empty(r * f, width, k, dtype=real_dtype, device=st.index.device)
+    o = 0
+    for p in parts:  # (K, R*F, w) -> (R*F, w, K)
+        dense[:, o : o + p.shape[-1]] = p.permute(1, 2, 0)
+        o += p.shape[-1]
+    # S in CSR: rows (grid points) from a stable sort of the stencil's flat indices
+    flat = st.index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    crow = torch.zeros(size + 1, dtype=torch.long, device=flat.device)
+    crow[1:] = torch.cumsum(torch.bincount(flat, minlength=size), 0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        s_mat = torch.sparse_csr_tensor(crow, order // c, st.weight.reshape(-1)[order].to(real_dtype), (size, r * f),
+                                        check_invariants=False)
+        out = (s_mat @ dense.reshape(r * f, width * k)).reshape((pd,) * st.ndim + (width, k))
+    grids, o = [], 0
+    for v, p in zip(values, parts):
+        if v.is_complex():
+            g = torch.complex(out[..., o, :], out[..., o + 1, :])
+        else:
+            g = out[..., o, :]
+        grids.append(g.movedim(-1, 0).to(v.dtype).contiguous())
+        o += p.shape[-1]
+    return grids
 
 
 def rotate_scatter(values: torch.Tensor, st: Interp) -> torch.Tensor:
