@@ -105,8 +105,10 @@ def bench_estep(args) -> dict:
 
         counter = FlopCounterMode(display=False)
         es.clear_prep_cache()
+        es.PARTS_IN_THREADS = False  # the counter sees this thread only: the same parts, in turn
         with torch.no_grad(), counter:
             es.expectation(batch, model, sampling, mask)
+        es.PARTS_IN_THREADS = True
         all_flops = counter.get_total_flops()
         flops = 2.0 * args.n * t_c * 2 * f_c * args.K * r_c  # coarse GEMM
         # the machine's speed drifts (shared hosts): the rate is the best of one measurement
@@ -114,6 +116,7 @@ def bench_estep(args) -> dict:
         rate = max(rate_before, _matmul_rate(*gemm_shape, device))
         acc = float((res.class_index.cpu().numpy()[: len(tr)] + 1 == tr.rlnClassNumber.values).mean())
         rows.append({"device": str(device), "current_size": current, "particles": args.n, "K": args.K, "max_significants": maxsig,
+                     "cuda_streams": es.CUDA_STREAMS if device.type == "cuda" else None,
                      "seconds": dt,
                      "particles_per_s": args.n / dt, "coarse_gemm_gflops": flops / dt / 1e9,
                      "matmul_gflops": rate / 1e9, "coarse_fraction_of_matmul": flops / dt / rate,

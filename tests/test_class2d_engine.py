@@ -19,6 +19,7 @@ from autospa.refinement import estep as es
 from autospa.refinement import init as rinit
 from autospa.refinement import mstep
 from autospa.refinement.state import ModelState
+from autospa.refinement.statistics import SufficientStats
 from autospa.refinement.vdam import vdam_update
 from autospa.simulate.particles import simulate_2d_classes
 
@@ -446,3 +447,33 @@ def test_backprojection_shares_stencils_across_classes(sim):
         for g, v in zip(got, vals):
             ref = slices.hermitian_complete(slices.scatter_columns(v, cols // rc, st, k), model.ndim)
             assert float((g - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("in_threads", [True, False])
+def test_concurrent_parts_add_up_to_one_pass(sim, monkeypatch, in_threads):
+    """The E-step of a batch in concurrent parts (threads; on a GPU each on its own stream), each
+    into its own statistics and column sums, adds up to one pass over the batch: the same sums
+    and per-particle results, in the batch's order."""
+    mask = circular_mask(BOX, 25)
+    _, model = _true_model(sim, mask, current_size=32)
+    sampling = es.Sampling(**FAST, max_significants=15)
+    model, prep = es._prepared(model, sampling, BOX, torch.device("cpu"))
+    k, pd = model.ref_ft.shape[0], model.ref_ft.shape[-1]
+    batch = _batch(sim)
+    outs = []
+    for parts in (1, 3):
+        stats = SufficientStats.zeros(2, k, pd, n_groups=1, n_shells=model.sigma2.shape[1])
+        acc = es._ColumnSums(k * prep.n_coarse * prep.n_children, len(prep.idx_m), torch.device("cpu"))
+        monkeypatch.setattr(es, "STREAM_MIN_PARTICLES", 50)  # three parts of this small batch
+        monkeypatch.setattr(es, "PARTS_IN_THREADS", in_threads)
+        res = es._concurrent_chunks(batch, model, sampling, mask, prep, stats, acc, 40, parts)
+        acc.flush()
+        outs.append((stats, acc, res))
+    (s1, a1, r1), (s3, a3, r3) = outs
+    assert len(r3) > len(r1) // 2 and sum(len(r.class_index) for r in r3) == len(sim.truth)
+    for f in ("class_index", "psi_deg", "origin_px", "n_significant"):
+        assert torch.equal(torch.cat([getattr(r, f) for r in r1]), torch.cat([getattr(r, f) for r in r3])), f
+    for name in ("class_weight", "noise_power", "log_likelihood", "offset_sq", "n_particles"):
+        assert torch.allclose(getattr(s3, name), getattr(s1, name), rtol=1e-6, atol=1e-9), name
+    assert float(a3.weight.sum()) == pytest.approx(float(a1.weight.sum()), rel=1e-5)
+    assert float((a3.data - a1.data).abs().max()) <= 1e-4 * float(a1.data.abs().max())

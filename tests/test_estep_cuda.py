@@ -69,9 +69,13 @@ def test_estep_on_cuda_equals_cpu(case, monkeypatch, path, psi_step, offset_step
     assert torch.allclose(r_cpu.max_posterior, r_gpu.max_posterior.cpu(), atol=2e-3)
 
 
-def test_estep_on_cuda_in_many_small_chunks_equals_cpu(case, monkeypatch):
+@pytest.mark.parametrize("streams", [1, 3])
+def test_estep_on_cuda_in_many_small_chunks_equals_cpu(case, monkeypatch, streams):
     """A GPU budget far below the default: many chunks, fine-pass groups and buckets, the
-    call-wide column sums; the result is the CPU's."""
+    call-wide column sums, in one stream or in three parts on three streams at once; the result
+    is the CPU's."""
+    monkeypatch.setattr(es, "CUDA_STREAMS", streams)
+    monkeypatch.setattr(es, "STREAM_MIN_PARTICLES", 100)
     monkeypatch.setattr(es, "CHUNK_BUDGET_CUDA", 3_000_000)
     monkeypatch.setattr(es, "CHUNK_BUDGET_CUDA_MIN", 3_000_000)
     assert es.chunk_budget(torch.device("cuda")) == 3_000_000
@@ -84,6 +88,7 @@ def test_estep_on_cuda_in_many_small_chunks_equals_cpu(case, monkeypatch):
         a, b = _wide(getattr(s_cpu, f)), _wide(getattr(s_gpu, f))
         assert float((a - b).abs().max()) <= 2e-3 * max(float(a.abs().max()), 1e-12), f
     assert float((r_cpu.class_index == r_gpu.class_index.cpu()).double().mean()) >= 0.98
+    assert torch.allclose(r_cpu.max_posterior, r_gpu.max_posterior.cpu(), atol=2e-3)  # in the batch's order
 
 
 def test_gpu_chunk_budget_follows_the_card_memory():

@@ -20,6 +20,7 @@ the cross term is one real GEMM ``(N*T, 2F) x (2F, K*R)`` and the norm term one 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from dataclasses import dataclass
@@ -582,11 +583,8 @@ def expectation(
     acc = None
     if n_cols * len(prep.idx_m) <= ACCUMULATE_MAX:
         acc = _ColumnSums(n_cols, len(prep.idx_m), device)
-    results = []
-    for start in range(0, n, chunk_particles):
-        sl = slice(start, min(n, start + chunk_particles))
-        sub = batch.subset(sl)
-        results.extend(_expectation_chunk(sub, model, sampling, mask, prep, stats, acc))
+    streams = CUDA_STREAMS if device.type == "cuda" else 1
+    results = _concurrent_chunks(batch, model, sampling, mask, prep, stats, acc, chunk_particles, streams)
     if acc is not None:
         acc.flush()
         used = torch.nonzero((acc.weight != 0).any(-1).any(0)).squeeze(1)
@@ -636,6 +634,84 @@ class _ColumnSums:
             parts = torch.nonzero(half == h).squeeze(1)
             if len(parts):
                 self.weight[h] += (g[parts].T @ c2[parts]).to(self.weight.dtype)
+
+
+def _chunks(batch, model, sampling, mask, prep: _Prepared, stats, acc, chunk_particles: int) -> list[ParticleResult]:
+    """The global E-step of ``batch`` in chunks of ``chunk_particles``, in order."""
+    results = []
+    for start in range(0, batch.images.shape[0], chunk_particles):
+        results.extend(_expectation_chunk(batch.subset(slice(start, start + chunk_particles)), model, sampling, mask,
+                                          prep, stats, acc))
+    return results
+
+
+#: Parts of one GPU E-step call run at once, each by a thread on its own CUDA stream: while one
+#: part waits for the GPU (the fine pass's sizes come back to the host), another launches
+#: kernels. Parts hold at least :data:`STREAM_MIN_PARTICLES` particles. Measured on an H200
+#: (20,000 particles, K = 12, seconds for 1 / 2 / 4 / 8 streams): 12 deg / 2 px 0.080 / 0.084 /
+#: 0.119 / 0.193 (32 px) and 0.205 / 0.197 / 0.214 / 0.279 (64 px); 6 deg / 1 px 0.239 / 0.185 /
+#: 0.184 / 0.208 and 0.391 / 0.315 / 0.356 / 0.519; peak memory 9.5 -> 13.5 GB with 2.
+CUDA_STREAMS = 2
+STREAM_MIN_PARTICLES = 1000
+
+#: False: the parts run one after another in the calling thread (each still on its own stream),
+#: for tools that observe the calling thread only (torch's FlopCounterMode, profilers).
+PARTS_IN_THREADS = True
+
+
+def _concurrent_chunks(batch, model, sampling, mask, prep: _Prepared, stats, acc, chunk_particles: int,
+                       parts: int) -> list[ParticleResult]:
+    """:func:`_chunks` over ``parts`` contiguous parts of the batch at once (threads; on a GPU each
+    on its own stream), each into its own statistics and column sums, added to ``stats`` and
+    ``acc`` at the end; the results come back in the batch's order."""
+    n = batch.images.shape[0]
+    parts = max(1, min(parts, n // STREAM_MIN_PARTICLES))
+    if parts == 1:
+        return _chunks(batch, model, sampling, mask, prep, stats, acc, chunk_particles)
+    import contextlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = batch.images.device
+    cuda = device.type == "cuda"
+    edges = [n * i // parts for i in range(parts + 1)]
+    main = torch.cuda.current_stream(device) if cuda else None
+
+    def run(i: int):
+        stream = torch.cuda.Stream(device) if cuda else None
+        if cuda:
+            stream.wait_stream(main)  # the batch and model are ready
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            own = SufficientStats.zeros(2, stats.data.shape[1], stats.data.shape[-1], device=device,
+                                        n_groups=stats.noise_power.shape[0], n_shells=stats.noise_power.shape[1],
+                                        ndim=stats.data.dim() - 2)
+            own_acc = None if acc is None else _ColumnSums(acc.weight.shape[1], acc.weight.shape[2], device)
+            res = _chunks(batch.subset(slice(edges[i], edges[i + 1])), model, sampling, mask, prep, own, own_acc,
+                          chunk_particles)
+            if own_acc is not None:
+                own_acc.flush()
+        return stream, own, own_acc, res
+
+    if PARTS_IN_THREADS:
+        with ThreadPoolExecutor(parts) as pool:
+            outs = list(pool.map(run, range(parts)))
+    else:
+        outs = [run(i) for i in range(parts)]
+    results = []
+    for stream, own, own_acc, res in outs:
+        if cuda:
+            main.wait_stream(stream)
+            tensors = [getattr(own, f.name) for f in dataclasses.fields(own)]
+            tensors += [] if own_acc is None else [own_acc.data, own_acc.weight]
+            tensors += [getattr(r, f.name) for r in res for f in dataclasses.fields(r)]
+            for t in tensors:  # made on the part's stream, used and freed on this one
+                t.record_stream(main)
+        for f in dataclasses.fields(own):
+            getattr(stats, f.name).add_(getattr(own, f.name))
+        if acc is not None:
+            acc.data += own_acc.data
+            acc.weight += own_acc.weight
+        results.extend(res)
+    return results
 
 
 #: Posterior values (particles x columns) :class:`_ColumnSums` keeps before its weight GEMMs.
