@@ -286,6 +286,59 @@ def scatter_columns(values: torch.Tensor, class_index: torch.Tensor, st: Interp,
     return out.reshape((n_classes,) + (pd,) * st.ndim)
 
 
+def scatter_positions(values: Sequence[torch.Tensor], class_index: torch.Tensor, positions: torch.Tensor,
+                      padded_box: int, n_classes: int) -> list[torch.Tensor]:
+    """:func:`scatter_columns` of several arrays without a stencil: the ``2^n`` neighbours of the
+    grid positions are taken one corner at a time, each corner's indices and weights (``(L, F)``,
+    not ``(L, F, 2^n)``) serving every array (3D, 2,048 columns of 1,100 frequencies, two arrays:
+    2.1x less time than :func:`stencil` and two :func:`scatter_columns`). The same sums, added in
+    another order.
+
+    Parameters
+    ----------
+    values
+        ``(L, F)`` arrays, real or complex.
+    class_index
+        ``(L,)`` long: the class each column spreads onto.
+    positions
+        ``(L, F, n)`` grid positions (x, y[, z]) of the columns' samples, :func:`sample_positions`.
+    padded_box, n_classes
+        P*D and K.
+
+    Returns
+    -------
+    list of torch.Tensor
+        One ``(K,) + (P*D,) * n`` grid per array (its dtype), not Hermitian-completed.
+    """
+    pd = padded_box
+    ndim = positions.shape[-1]
+    size = pd**ndim
+    p0 = torch.floor(positions)
+    frac = (positions - p0).to(values[0].real.dtype if values[0].is_complex() else values[0].dtype)
+    p0 = p0.long()
+    # per axis: the two neighbours' flat offsets (clamped into the grid) and weights (0 outside it)
+    axes = []
+    for j in range(ndim):
+        q, f = p0[..., j], frac[..., j]
+        axes.append([(q.clamp(0, pd - 1) * pd**j, (1 - f) * ((q >= 0) & (q < pd))),
+                     ((q + 1).clamp(0, pd - 1) * pd**j, f * ((q >= -1) & (q < pd - 1)))])
+    base = (class_index.to(p0.device) * size)[:, None]
+    out = [v.new_zeros((n_classes * size,)) for v in values]
+
+    def corners(j: int, index: torch.Tensor, weight: torch.Tensor | None):
+        for offset, w in axes[j]:
+            idx, wt = index + offset, (w if weight is None else weight * w)
+            if j == 0:
+                yield idx.reshape(-1), wt
+            else:
+                yield from corners(j - 1, idx, wt)
+
+    for idx, wt in corners(ndim - 1, base, None):
+        for o, v in zip(out, values):
+            o.index_add_(0, idx, (v * wt).reshape(-1))
+    return [o.reshape((n_classes,) + (pd,) * ndim) for o in out]
+
+
 def scatter_columns_shared(values: Sequence[torch.Tensor], st: Interp, n_classes: int) -> list[torch.Tensor]:
     """:func:`scatter_columns` of several arrays at once, for columns that share their stencils:
     every class has a column at each of the stencil's R orientations, row ``class * R + r``.

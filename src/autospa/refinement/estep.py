@@ -962,9 +962,9 @@ def _backproject_columns(values: list[torch.Tensor], cols: torch.Tensor, model: 
                          box: int) -> list[torch.Tensor]:
     """Adjoint of the fine projection on the statistics window: each ``(L, Fm)`` array of
     ``values`` (per-column sums of the global columns ``cols``) spread onto the classes' padded
-    grids and Hermitian-completed; one stencil per block of columns serves all arrays, and is
-    built once per orientation: the classes' columns at one orientation share it (K = 50: 3.6x
-    less time than a stencil per column)."""
+    grids and Hermitian-completed: 2D on a CPU with many live columns as one sparse product
+    (:func:`~autospa.numerics.slices.scatter_columns_shared`), else in blocks of columns whose
+    interpolation corners serve all arrays (:func:`~autospa.numerics.slices.scatter_positions`)."""
     k = model.ref_ft.shape[0]
     rc = prep.fine_mats.shape[0]
     if _shared_backprojection(model, prep, len(cols), cols.device):
@@ -974,19 +974,13 @@ def _backproject_columns(values: list[torch.Tensor], cols: torch.Tensor, model: 
             values = [v.new_zeros((k * rc, v.shape[1])).index_copy_(0, cols, v) for v in values]
         out = slices.scatter_columns_shared(values, st, k)
         return [slices.hermitian_complete(o, model.ndim) for o in out]
-    grid = (k,) + (model.ref_ft.shape[-1],) * model.ndim
-    out = [v.new_zeros(grid) for v in values]
+    pd = model.ref_ft.shape[-1]
+    out = [v.new_zeros((k,) + (pd,) * model.ndim) for v in values]
     for s in range(0, len(cols), COLUMN_BLOCK):
         c = cols[s : s + COLUMN_BLOCK]
-        o = c % rc
-        orient, of_col = torch.unique(o, return_inverse=True)
-        if len(orient) < len(c):
-            st = slices.stencil(prep.fine_mats[orient], prep.f_m, box, model.pad)
-            st = slices.Interp(st.index[of_col], st.weight[of_col], st.padded_box, st.ndim)
-        else:
-            st = slices.stencil(prep.fine_mats[o], prep.f_m, box, model.pad)
-        for o, v in zip(out, values):
-            o += slices.scatter_columns(v[s : s + COLUMN_BLOCK], c // rc, st, k)
+        pos = slices.sample_positions(prep.fine_mats[c % rc], prep.f_m, box, model.pad)
+        for o, g in zip(out, slices.scatter_positions([v[s : s + COLUMN_BLOCK] for v in values], c // rc, pos, pd, k)):
+            o += g
     return [slices.hermitian_complete(o, model.ndim) for o in out]
 
 
@@ -1656,9 +1650,10 @@ def _local_chunk(batch: ParticleBatch, model: EStepModel, sampling: Sampling, ma
             q = q0[bn][:, None, :] * ph_m[None]  # (L, T, Fm)
             z = _weighted_sum(g, q).squeeze(1)  # (L, Fm)
             wgt = col_w[bn, bc][:, None] * c2[bn]
-            st = slices.stencil(rots_nj[bn, bc % n_j], f_m, box, model.pad)
-            raw[0][h] += slices.scatter_columns(z, bc // n_j, st, k).to(raw[0].dtype)
-            raw[1][h] += slices.scatter_columns(wgt, bc // n_j, st, k).to(raw[1].dtype)
+            at = slices.sample_positions(rots_nj[bn, bc % n_j], f_m, box, model.pad)
+            g_z, g_w = slices.scatter_positions([z, wgt], bc // n_j, at, raw[0].shape[-1], k)
+            raw[0][h] += g_z.to(raw[0].dtype)
+            raw[1][h] += g_w.to(raw[1].dtype)
     for h in range(2):
         sel = half == h
         stats.class_weight[h] += col_w[sel].reshape(-1, k, n_j).sum((0, 2), dtype=torch.float64)
