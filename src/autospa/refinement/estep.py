@@ -20,9 +20,11 @@ the cross term is one real GEMM ``(N*T, 2F) x (2F, K*R)`` and the norm term one 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -668,9 +670,6 @@ def _concurrent_chunks(batch, model, sampling, mask, prep: _Prepared, stats, acc
     parts = max(1, min(parts, n // STREAM_MIN_PARTICLES))
     if parts == 1:
         return _chunks(batch, model, sampling, mask, prep, stats, acc, chunk_particles)
-    import contextlib
-    from concurrent.futures import ThreadPoolExecutor
-
     device = batch.images.device
     cuda = device.type == "cuda"
     edges = [n * i // parts for i in range(parts + 1)]
