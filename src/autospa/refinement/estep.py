@@ -680,9 +680,7 @@ def _concurrent_chunks(batch, model, sampling, mask, prep: _Prepared, stats, acc
         if cuda:
             stream.wait_stream(main)  # the batch and model are ready
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            own = SufficientStats.zeros(2, stats.data.shape[1], stats.data.shape[-1], device=device,
-                                        n_groups=stats.noise_power.shape[0], n_shells=stats.noise_power.shape[1],
-                                        ndim=stats.data.dim() - 2)
+            own = SufficientStats(**{f.name: torch.zeros_like(getattr(stats, f.name)) for f in dataclasses.fields(stats)})
             own_acc = None if acc is None else _ColumnSums(acc.weight.shape[1], acc.weight.shape[2], device)
             res = _chunks(batch.subset(slice(edges[i], edges[i + 1])), model, sampling, mask, prep, own, own_acc,
                           chunk_particles)
