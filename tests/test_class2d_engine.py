@@ -497,3 +497,32 @@ def test_corner_by_corner_scatter_equals_the_stencil_scatter(ndim):
         ref = slices.scatter_columns(v, cls, st, k)
         assert g.shape == ref.shape and g.dtype == ref.dtype
         assert float((g - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    # out=: the sums are added into the given grids (a second pass doubles them), returned as such
+    again = slices.scatter_positions(vals, cls, slices.sample_positions(rots, freqs, box, pad), pad * box, k, out=got)
+    assert all(a is g for a, g in zip(again, got))
+    for g, v in zip(got, vals):
+        ref = slices.scatter_columns(v, cls, st, k)
+        assert float((g - 2 * ref).abs().max()) <= 2e-5 * float(ref.abs().max())
+    with pytest.raises(ValueError, match="does not match"):
+        slices.scatter_positions(vals, cls, slices.sample_positions(rots, freqs, box, pad), pad * box, k,
+                                 out=[g.to(torch.complex128) for g in got])
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_shell_mean_is_the_mean_of_each_shell(ndim):
+    """mstep.shell_mean (one bincount over class and shell keys) against a loop over the shells,
+    pixels beyond n_shells left out and empty shells 0; padded_shells is one shared grid."""
+    gen = torch.Generator().manual_seed(ndim)
+    pd, pad, k = 20, 2, 3
+    shells = mstep.padded_shells(pd, pad, ndim=ndim)
+    assert shells is mstep.padded_shells(pd, pad, ndim=ndim)
+    values = torch.rand((k,) + (pd,) * ndim, generator=gen)
+    n_shells = 4
+    got = mstep.shell_mean(values, shells, n_shells)
+    assert got.shape == (k, n_shells) and got.dtype == torch.float64
+    for s in range(n_shells):
+        sel = shells == s
+        want = values[:, sel].double().mean(1) if bool(sel.any()) else torch.zeros(k, dtype=torch.float64)
+        assert torch.allclose(got[:, s], want, rtol=1e-12, atol=0)
+    wide = mstep.shell_mean(values, shells, int(shells.max()) + 3)  # shells past the grid are empty
+    assert bool((wide[:, -2:] == 0).all())

@@ -287,7 +287,7 @@ def scatter_columns(values: torch.Tensor, class_index: torch.Tensor, st: Interp,
 
 
 def scatter_positions(values: Sequence[torch.Tensor], class_index: torch.Tensor, positions: torch.Tensor,
-                      padded_box: int, n_classes: int) -> list[torch.Tensor]:
+                      padded_box: int, n_classes: int, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """:func:`scatter_columns` of several arrays without a stencil: the ``2^n`` neighbours of the
     grid positions are taken one corner at a time, each corner's indices and weights (``(L, F)``,
     not ``(L, F, 2^n)``) serving every array (3D, 2,048 columns of 1,100 frequencies, two arrays:
@@ -304,15 +304,25 @@ def scatter_positions(values: Sequence[torch.Tensor], class_index: torch.Tensor,
         ``(L, F, n)`` grid positions (x, y[, z]) of the columns' samples, :func:`sample_positions`.
     padded_box, n_classes
         P*D and K.
+    out
+        Grids ``(K,) + (P*D,) * n`` (one per array, of its dtype, contiguous) to add into, so that
+        a caller summing blocks of columns holds no grid per block; new zero grids when None.
 
     Returns
     -------
     list of torch.Tensor
-        One ``(K,) + (P*D,) * n`` grid per array (its dtype), not Hermitian-completed.
+        One ``(K,) + (P*D,) * n`` grid per array (``out`` when given), not Hermitian-completed.
     """
     pd = padded_box
     ndim = positions.shape[-1]
     size = pd**ndim
+    grid_shape = (n_classes,) + (pd,) * ndim
+    if out is None:
+        out = [v.new_zeros(grid_shape) for v in values]
+    out = list(out)
+    for o, v in zip(out, values):
+        if o.shape != grid_shape or o.dtype != v.dtype or not o.is_contiguous():
+            raise ValueError(f"scatter_positions: out grid {tuple(o.shape)} {o.dtype} does not match {grid_shape} {v.dtype}")
     p0 = torch.floor(positions)
     frac = (positions - p0).to(values[0].real.dtype if values[0].is_complex() else values[0].dtype)
     p0 = p0.long()
@@ -323,7 +333,7 @@ def scatter_positions(values: Sequence[torch.Tensor], class_index: torch.Tensor,
         axes.append([(q.clamp(0, pd - 1) * pd**j, (1 - f) * ((q >= 0) & (q < pd))),
                      ((q + 1).clamp(0, pd - 1) * pd**j, f * ((q >= -1) & (q < pd - 1)))])
     base = (class_index.to(p0.device) * size)[:, None]
-    out = [v.new_zeros((n_classes * size,)) for v in values]
+    flat = [o.view(-1) for o in out]
 
     def corners(j: int, index: torch.Tensor, weight: torch.Tensor | None):
         for offset, w in axes[j]:
@@ -334,9 +344,9 @@ def scatter_positions(values: Sequence[torch.Tensor], class_index: torch.Tensor,
                 yield from corners(j - 1, idx, wt)
 
     for idx, wt in corners(ndim - 1, base, None):
-        for o, v in zip(out, values):
+        for o, v in zip(flat, values):
             o.index_add_(0, idx, (v * wt).reshape(-1))
-    return [o.reshape((n_classes,) + (pd,) * ndim) for o in out]
+    return out
 
 
 def scatter_columns_shared(values: Sequence[torch.Tensor], st: Interp, n_classes: int) -> list[torch.Tensor]:

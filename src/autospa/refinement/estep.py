@@ -976,8 +976,7 @@ def _backproject_columns(values: list[torch.Tensor], cols: torch.Tensor, model: 
     for s in range(0, len(cols), COLUMN_BLOCK):
         c = cols[s : s + COLUMN_BLOCK]
         pos = slices.sample_positions(prep.fine_mats[c % rc], prep.f_m, box, model.pad)
-        for o, g in zip(out, slices.scatter_positions([v[s : s + COLUMN_BLOCK] for v in values], c // rc, pos, pd, k)):
-            o += g
+        slices.scatter_positions([v[s : s + COLUMN_BLOCK] for v in values], c // rc, pos, pd, k, out=out)
     return [slices.hermitian_complete(o, model.ndim) for o in out]
 
 
@@ -1648,9 +1647,8 @@ def _local_chunk(batch: ParticleBatch, model: EStepModel, sampling: Sampling, ma
             z = _weighted_sum(g, q).squeeze(1)  # (L, Fm)
             wgt = col_w[bn, bc][:, None] * c2[bn]
             at = slices.sample_positions(rots_nj[bn, bc % n_j], f_m, box, model.pad)
-            g_z, g_w = slices.scatter_positions([z, wgt], bc // n_j, at, raw[0].shape[-1], k)
-            raw[0][h] += g_z.to(raw[0].dtype)
-            raw[1][h] += g_w.to(raw[1].dtype)
+            slices.scatter_positions([z.to(raw[0].dtype), wgt.to(raw[1].dtype)], bc // n_j, at, raw[0].shape[-1], k,
+                                     out=[raw[0][h], raw[1][h]])
     for h in range(2):
         sel = half == h
         stats.class_weight[h] += col_w[sel].reshape(-1, k, n_j).sum((0, 2), dtype=torch.float64)

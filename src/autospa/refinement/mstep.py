@@ -4,6 +4,7 @@ finishing and class centring (reference/relion-vdam.md section 3, 4.10, 4.11).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,11 +19,19 @@ from autospa.refinement.statistics import SufficientStats
 def padded_shells(padded_box: int, pad: int, device=None, ndim: int = 2) -> torch.Tensor:
     """Shell index ``round(|nu_pad| / P)`` (D-grid units) of every pixel of a centred padded grid.
 
+    The grid is made once per (size, padding, dimensionality, device) and shared: callers index
+    with it and must not write to it.
+
     Returns
     -------
     torch.Tensor
         ``(P*D,) * ndim`` long.
     """
+    return _padded_shells(int(padded_box), int(pad), str(torch.device(device or "cpu")), int(ndim))
+
+
+@functools.lru_cache(maxsize=16)
+def _padded_shells(padded_box: int, pad: int, device: str, ndim: int) -> torch.Tensor:
     c = torch.arange(padded_box, device=device, dtype=torch.float32) - padded_box // 2
     grids = torch.meshgrid(*([c] * ndim), indexing="ij")
     r = torch.sqrt(sum(g * g for g in grids)) / pad
@@ -36,14 +45,20 @@ def ndim_of(refs: torch.Tensor) -> int:
 
 def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
     """Mean of ``values`` ``(K,) + grid`` per shell (``shells`` of the grid's shape): ``(K, n_shells)``
-    (0 for empty shells)."""
+    (0 for empty shells), summed in float64.
+
+    One weighted ``bincount`` over (class, shell) keys of the pixels inside ``n_shells`` (an
+    ``index_add_`` along the grid axis of a ``(K, G)`` block is 2 to 3 times slower on the CPU).
+    """
     k = values.shape[0]
-    sel = shells < n_shells
-    s = shells[sel]
-    v = values[:, sel].to(torch.float64)
-    sums = torch.zeros(k, n_shells, dtype=torch.float64, device=values.device).index_add_(1, s, v)
+    flat_shells = shells.reshape(-1)
+    idx = torch.nonzero(flat_shells < n_shells).squeeze(1)
+    s = flat_shells.index_select(0, idx)
+    v = values.reshape(k, -1).index_select(1, idx)
+    key = (torch.arange(k, device=values.device) * n_shells)[:, None] + s[None]  # (K, G')
+    sums = torch.bincount(key.reshape(-1), weights=v.reshape(-1).to(torch.float64), minlength=k * n_shells)
     cnt = torch.bincount(s, minlength=n_shells).to(torch.float64)
-    return sums / cnt.clamp_min(1)
+    return sums.view(k, n_shells) / cnt.clamp_min(1)
 
 
 def reference_ft(refs: torch.Tensor, pad: int) -> torch.Tensor:
