@@ -133,7 +133,6 @@ def vdam_update(
     replaced = None
     pi = state.class_prior.clone()
     skip = torch.zeros(k, dtype=torch.bool, device=device)
-    tau2 = state.tau2
     if allow_replacement and inactivity_threshold > 0 and k > 1:
         n_active = int((pi > 0).sum())
         score = _abs2(direction).mean(grid_dims).to(pi.dtype) * pi
