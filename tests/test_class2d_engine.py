@@ -529,3 +529,23 @@ def test_shell_mean_is_the_mean_of_each_shell(ndim):
         assert torch.allclose(got[:, s], want, rtol=1e-12, atol=0)
     wide = mstep.shell_mean(values, shells, int(shells.max()) + 3)  # shells past the grid are empty
     assert bool((wide[:, -2:] == 0).all())
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_grid_sample_equals_one_call(threads):
+    """slices.grid_sample_threaded (a batch of one split over channels, or over the grid's rows
+    with the input broadcast) returns grid_sample's values exactly, for 2D and 3D inputs, channel
+    counts that do and do not divide evenly, and fewer rows than threads."""
+    gen = torch.Generator().manual_seed(threads)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for c in (2, 6):
+            for spatial, rest in (((20, 20), (13, 7, 2)), ((12, 12, 12), (13, 7, 1, 3)), ((12, 12, 12), (1, 7, 1, 3))):
+                x = torch.randn((1, c) + spatial, generator=gen)
+                g = torch.rand((1,) + rest, generator=gen) * 2.2 - 1.1  # some points off the grid
+                want = torch.nn.functional.grid_sample(x, g, mode="bilinear", padding_mode="zeros", align_corners=True)
+                got = slices.grid_sample_threaded(x, g)
+                assert got.shape == want.shape and torch.equal(got, want), (c, spatial, rest)
+    finally:
+        torch.set_num_threads(saved)
