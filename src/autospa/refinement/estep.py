@@ -1642,9 +1642,8 @@ def _local_chunk(batch: ParticleBatch, model: EStepModel, sampling: Sampling, ma
         hn, hc = pn[on], pc[on]
         for s in range(0, len(hn), COLUMN_BLOCK):
             bn, bc = hn[s : s + COLUMN_BLOCK], hc[s : s + COLUMN_BLOCK]
-            g = gam[bn, :, bc][:, None, :]  # (L, 1, T)
-            q = q0[bn][:, None, :] * ph_m[None]  # (L, T, Fm)
-            z = _weighted_sum(g, q).squeeze(1)  # (L, Fm)
+            # sum_t G_t (Q ph_t) = Q sum_t G_t ph_t: one GEMM, no (L, T, Fm) phased images
+            z = q0[bn] * _weighted_sum(gam[bn, :, bc], ph_m)  # (L, Fm)
             wgt = col_w[bn, bc][:, None] * c2[bn]
             at = slices.sample_positions(rots_nj[bn, bc % n_j], f_m, box, model.pad)
             slices.scatter_positions([z.to(raw[0].dtype), wgt.to(raw[1].dtype)], bc // n_j, at, raw[0].shape[-1], k,
