@@ -52,7 +52,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from autospa.conventions import matrix_to_euler
 from autospa.numerics.fourier import (
@@ -64,6 +63,7 @@ from autospa.numerics.fourier import (
     rfftn3,
     shell_index_3d,
 )
+from autospa.numerics import slices
 from autospa.numerics.masks import radius_grid, soft_spherical_mask
 from autospa.numerics.symmetry import point_group_matrices, point_group_order
 
@@ -362,7 +362,7 @@ def _sample(vol: torch.Tensor, coords_idx: torch.Tensor) -> torch.Tensor:
     size = vol.shape[-1]
     lead = coords_idx.shape[:-1]
     g = (2.0 * coords_idx / (size - 1) - 1.0).to(vol.dtype).reshape(1, -1, 1, 1, 3)
-    out = F.grid_sample(vol[None, None], g, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = slices.grid_sample_threaded(vol[None, None], g)  # grid_sample's values, over the CPU's threads
     return out.reshape(lead)
 
 
@@ -635,7 +635,7 @@ def _correlations(w: _Working, ops: torch.Tensor, centers: torch.Tensor | None =
             shift = shift + alpha * (c - torch.einsum("mij,mj->mi", q, c))
         mat = torch.cat([alpha * q.permute(2, 0, 1).reshape(3, 3 * k), shift.reshape(1, 3 * k)])  # (4, 3k)
         grid = (w.points_h @ mat).reshape(1, p, k, 1, 3)
-        b = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True).reshape(p, k)
+        b = slices.grid_sample_threaded(vol, grid).reshape(p, k)
         num = w.values @ b
         den = b.norm(dim=0)
         out[s : s + step] = torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num)).double()
