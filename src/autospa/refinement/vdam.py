@@ -114,15 +114,20 @@ def vdam_update(
     ema = torch.where(inside, BETA1 * m1 + (1 - BETA1) * grad, m1)
     m1 = torch.where(fresh.reshape((2, k) + (1,) * ndim), grad, ema)
     # [paper != code] the paper tracks |G1 - G2|^2; the code normalises it by the squared mean
-    diff2 = _abs2(grad[0] - grad[1])
-    mean2 = _abs2(grad[0] + grad[1]) * 0.25
+    # (|z|^2 as re^2 + im^2: the CPU's complex abs is several times slower)
+    diff, mean = grad[0] - grad[1], (grad[0] + grad[1]) / 2
+    diff2 = diff.real**2 + diff.imag**2
+    mean2 = mean.real**2 + mean.imag**2
+    del diff, mean
     u = torch.where(inside, BETA2 * u + (1 - BETA2) * diff2 / (mean2 + 1e-12), u)
     # [paper != code] one reference per class, stepping along the mean of the two half moments
     direction = ((m1[0] + m1[1]) / 2) / (torch.sqrt(u) + 1e-12)
 
     # FSC from the two halves' moments (applyMomenta): SNR = 2 T <|V|> / <|m1 - m2|>
-    noise_amp = mstep.shell_mean(torch.sqrt(_abs2(m1[0] - m1[1])), shells, n_shells)
-    sig_amp = mstep.shell_mean(torch.sqrt(_abs2(v)), shells, n_shells)
+    m_diff = m1[0] - m1[1]
+    noise_amp = mstep.shell_mean(torch.sqrt(m_diff.real**2 + m_diff.imag**2), shells, n_shells)
+    sig_amp = mstep.shell_mean(torch.sqrt(v.real**2 + v.imag**2), shells, n_shells)
+    del m_diff
     snr = torch.where(noise_amp > 0, 2 * tau2_fudge * sig_amp / noise_amp.clamp_min(1e-300), torch.zeros_like(noise_amp))
     fsc = (snr / (1 + snr)).clamp(0, 1)
     if fsc_override is not None:
@@ -135,7 +140,7 @@ def vdam_update(
     skip = torch.zeros(k, dtype=torch.bool, device=device)
     if allow_replacement and inactivity_threshold > 0 and k > 1:
         n_active = int((pi > 0).sum())
-        score = _abs2(direction).mean(grid_dims).to(pi.dtype) * pi
+        score = (direction.real**2 + direction.imag**2).mean(grid_dims).to(pi.dtype) * pi
         b = int(torch.argmax(score))
         a = int(torch.argmin(pi))
         if a != b and float(pi[a]) < inactivity_threshold / max(n_active, 1):
@@ -190,12 +195,6 @@ def vdam_update(
         **nuis,
     )
     return new_state, {"replaced": replaced, "fsc": fsc}
-
-
-def _abs2(z: torch.Tensor) -> torch.Tensor:
-    """``|z|^2`` of complex ``z`` as ``Re(z conj(z))`` (real, same shape; the CPU's complex ``abs``
-    is about 3 times slower than this product)."""
-    return (z * z.conj()).real
 
 
 def _shift_padded(m: torch.Tensor, shift_px: torch.Tensor, pad: int, box: int) -> torch.Tensor:
