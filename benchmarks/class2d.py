@@ -55,9 +55,9 @@ def _matmul_rate(m: int, k: int, n: int, device: torch.device, reps: int = 5, tr
 
 def _sparse_aware(formula, dense_arg: int):
     """A FlopCounterMode formula (raw arguments) for a matrix product: torch's own where every
-    operand is dense; ``2 nnz n`` where the operand ``dense_arg - 1`` is a sparse matrix (the CPU's
-    2D back-projection is a CSR product, which torch's formulas would count as a dense GEMM of the
-    whole grid: about 100 times its arithmetic)."""
+    operand is dense; ``2 nnz n`` where the left operand is sparse and ``args[dense_arg]`` is the
+    dense right one with ``n`` columns (the CPU's 2D back-projection is a CSR product, which
+    torch's formulas would count as a dense GEMM of the whole grid: about 100 times its arithmetic)."""
 
     def count(*args, out_val=None, **kwargs):
         sparse = [a for a in args if isinstance(a, torch.Tensor) and a.layout != torch.strided]

@@ -492,23 +492,23 @@ def test_corner_by_corner_scatter_equals_the_stencil_scatter(ndim, reach):
     cls = torch.randint(0, k, (n_cols,), generator=gen)
     vals = [torch.randn(n_cols, 90, dtype=torch.complex64, generator=gen), torch.rand(n_cols, 90, generator=gen)]
     st = slices.stencil(rots, freqs, box, pad)
-    cells = slices.sample_positions(rots, freqs, box, pad).floor()
+    pos = slices.sample_positions(rots, freqs, box, pad)
+    cells = pos.floor()
     inside = bool(((cells >= 0) & (cells <= pad * box - 2)).all())
     assert inside == (reach < 2)  # beyond Nyquist some neighbours lie outside the grid
-    got = slices.scatter_positions(vals, cls, slices.sample_positions(rots, freqs, box, pad), pad * box, k)
+    got = slices.scatter_positions(vals, cls, pos, pad * box, k)
     for g, v in zip(got, vals):
         ref = slices.scatter_columns(v, cls, st, k)
         assert g.shape == ref.shape and g.dtype == ref.dtype
         assert float((g - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     # out=: the sums are added into the given grids (a second pass doubles them), returned as such
-    again = slices.scatter_positions(vals, cls, slices.sample_positions(rots, freqs, box, pad), pad * box, k, out=got)
+    again = slices.scatter_positions(vals, cls, pos, pad * box, k, out=got)
     assert all(a is g for a, g in zip(again, got))
     for g, v in zip(got, vals):
         ref = slices.scatter_columns(v, cls, st, k)
         assert float((g - 2 * ref).abs().max()) <= 2e-5 * float(ref.abs().max())
     with pytest.raises(ValueError, match="does not match"):
-        slices.scatter_positions(vals, cls, slices.sample_positions(rots, freqs, box, pad), pad * box, k,
-                                 out=[g.to(torch.complex128) for g in got])
+        slices.scatter_positions(vals, cls, pos, pad * box, k, out=[g.to(torch.complex128) for g in got])
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

@@ -384,13 +384,13 @@ def scatter_positions(values: Sequence[torch.Tensor], class_index: torch.Tensor,
         qj = p0.long()
         lo, hi = bounds[j]
         if 0 <= lo and hi <= pd - 2:  # every cell inside the grid (the usual case)
-            weights.append((1 - f, f))
-            base = base + qj * pd**j
-            continue
-        c = qj.clamp(0, pd - 2)
-        d = qj - c  # 0 inside the grid; -1 or 1: one neighbour inside; else none
-        g = 1 - f
-        weights.append((g * (d == 0) + f * (d == -1), f * (d == 0) + g * (d == 1)))
+            c, w = qj, (1 - f, f)
+        else:
+            c = qj.clamp(0, pd - 2)
+            d = qj - c  # 0 inside the grid; -1 or 1: one neighbour inside; else none
+            g = 1 - f
+            w = (g * (d == 0) + f * (d == -1), f * (d == 0) + g * (d == 1))
+        weights.append(w)
         base = base + c * pd**j
     index = base.reshape(-1)
     flat = [o.view(-1) for o in out]
