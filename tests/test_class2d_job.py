@@ -74,7 +74,10 @@ def test_vdam_classifies_aligns_and_writes_relion_outputs(dataset, tmp_path):
         assert np.allclose(m.data, state.refs.numpy(), atol=1e-5)
     model = read_star(f"{root}_model.star")
     classes = model["model_classes"]
-    assert list(classes["rlnReferenceImage"])[0] == "000001@run_it030_classes.mrcs"
+    # named as RELION names them: the --o root (here absolute) plus the suffix
+    assert list(classes["rlnReferenceImage"])[:2] == [f"000001@{root}_classes.mrcs", f"000002@{root}_classes.mrcs"]
+    assert list(classes["rlnGradMoment1"])[0] == f"000001@{root}_1moment.mrcs"
+    assert list(classes["rlnGradMoment2"])[0] == f"000001@{root}_2moment.mrcs"
     assert classes["rlnClassDistribution"].sum() == pytest.approx(1.0, abs=1e-6)
     for label in ("rlnAccuracyRotations", "rlnAccuracyTranslationsAngst", "rlnEstimatedResolution",
                   "rlnOverallFourierCompleteness", "rlnGradMoment1"):
@@ -97,8 +100,12 @@ def test_continue_after_kill_equals_uninterrupted_run(dataset, tmp_path):
     star, _ = dataset
     common = ["--i", str(star), "--K", "3", "--iter", "5", "--ctf", "--particle_diameter", "150", "--j", "1",
               "--psi_step", "12", "--offset_step", "2"]
-    ref = subprocess.run(_cli("class2d", *common, "--o", str(tmp_path / "a" / "run")), capture_output=True, text=True)
+    # run from the project directory with a relative --o, as RELION's pipeline runs jobs
+    ref = subprocess.run(_cli("class2d", *common, "--o", "a/run"), capture_output=True, text=True, cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
+    # the class averages are named from the project directory (RELION: 000001@Class2D/job008/run_it025_classes.mrcs)
+    refs = list(read_star(tmp_path / "a" / "run_it005_model.star")["model_classes"]["rlnReferenceImage"])
+    assert refs == [f"{c:06d}@a/run_it005_classes.mrcs" for c in (1, 2, 3)]
     out = tmp_path / "b" / "run"
     proc = subprocess.Popen(_cli("class2d", *common, "--o", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -194,7 +194,7 @@ def test_initial_model_continues_after_an_interruption_and_writes_relion_files(d
     assert torch.allclose(model, ck["state"]["refs"][best], atol=1e-5)  # C1: the largest class as it is
     star = read_star(tmp_path / "im" / "run_it004_model.star")
     assert star["model_general"]["rlnReferenceDimensionality"] == 3
-    assert list(star["model_classes"]["rlnReferenceImage"]) == ["run_it004_class001.mrc", "run_it004_class002.mrc"]
+    assert list(star["model_classes"]["rlnReferenceImage"]) == [f"{tmp_path / 'im'}/run_it004_class00{c}.mrc" for c in (1, 2)]
     assert star["model_classes"]["rlnClassDistribution"].sum() == pytest.approx(1.0, abs=1e-6)
     data = read_star(tmp_path / "im" / "run_it004_data.star")["particles"]
     assert {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnClassNumber"} <= set(data.columns)

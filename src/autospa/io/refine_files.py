@@ -45,7 +45,7 @@ def write_moments(root: Path, moment1: torch.Tensor, moment2: torch.Tensor, pixe
     p2 = Path(f"{root}_2moment.mrcs")
     write_mrc(p1, inter, pixel_size_a, stack=True)
     write_mrc(p2, inter2, pixel_size_a, stack=True)
-    return p1.name, p2.name
+    return str(p1), str(p2)  # named from the project directory, as RELION
 
 
 def write_model_star(

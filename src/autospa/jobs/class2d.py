@@ -245,7 +245,7 @@ def _model_star(root: Path, state: ModelState, opts: Class2DOptions, stack: Part
     overall = [float(completeness[c, 1 : max(2, state.current_size // 2 + 1)].mean()) for c in range(k)]
     pi = state.class_prior.cpu().numpy()
     classes = pd.DataFrame({
-        "rlnReferenceImage": [f"{c + 1:06d}@{root.name}_classes.mrcs" for c in range(k)],
+        "rlnReferenceImage": [f"{c + 1:06d}@{root}_classes.mrcs" for c in range(k)],  # from the project directory, as RELION
         "rlnClassDistribution": pi,
         "rlnAccuracyRotations": np.where(pi < 0.01, 999.0, acc_rot),
         "rlnAccuracyTranslationsAngst": np.where(pi < 0.01, 999.0, acc_trans_a),

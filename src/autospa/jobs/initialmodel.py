@@ -237,7 +237,7 @@ def _write_iteration(root: Path, it: int, state: ModelState, opts: InitialModelO
     for c in range(state.n_classes):
         p = Path(f"{root}_class{c + 1:03d}.mrc")
         write_volume(p, state.refs[c], pix)
-        names.append(p.name)
+        names.append(str(p))  # from the project directory, as RELION
     model_star_3d(root, state, table, stack, t2f, names)
     write_data_table(root, stack, pp, pix)
     step_deg = angular_sampling_deg(order)

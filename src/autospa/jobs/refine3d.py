@@ -245,10 +245,10 @@ def _write_iteration(root: Path, it: int, state: ModelState, opts: Refine3DOptio
         for h in range(2):
             p = Path(f"{root}_half{h + 1}_class001.mrc")
             write_volume(p, state.refs[h], pix)
-        names.append(f"{root.name}_half1_class001.mrc")
+        names.append(f"{root}_half1_class001.mrc")
     else:
         write_volume(Path(f"{root}_class001.mrc"), final, pix)
-        names.append(f"{root.name}_class001.mrc")
+        names.append(f"{root}_class001.mrc")
     one = state.replace(class_prior=torch.ones(1, dtype=torch.float64), data_vs_prior=state.data_vs_prior[:1],
                         tau2=state.tau2[:1], completeness=None)
     model_star_3d(root, one, table, stack, opts.tau2_fudge, names, fsc=fsc,
