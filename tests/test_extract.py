@@ -187,3 +187,23 @@ def test_extract_rejects_odd_boxes_and_keeps_old_outputs(tmp_path: Path) -> None
     with pytest.raises(InputError, match="at most the extraction box"):
         run_extract(bigger, tmp_path)
     assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("layout", ["coords_suffix", "folder"])
+def test_extract_reads_relion3_per_micrograph_coordinate_files(tmp_path: Path, layout: str) -> None:
+    # RELION 3 had no autopick.star: the picking job left coords_suffix_autopick.star (holding the
+    # micrographs STAR's name) beside Movies/NAME_autopick.star files that mirror the micrographs
+    truth = _inputs(tmp_path, [0, 1])
+    (tmp_path / "AutoPick/job004/autopick.star").unlink()
+    (tmp_path / "AutoPick/job004/coords_suffix_autopick.star").write_text("CtfFind/job003/micrographs_ctf.star\n")
+    coords = "AutoPick/job004/coords_suffix_autopick.star" if layout == "coords_suffix" else "AutoPick/job004/"
+    params = ExtractParams(mics_star="CtfFind/job003/micrographs_ctf.star", coords_star=coords,
+                           output_dir="Extract/job005", extract_size=128, rescale=64)  # fmt: skip
+    parts = read_star(run_extract(params, tmp_path))["particles"]
+    for mic, c in truth.items():
+        sel = parts[parts["rlnMicrographName"] == mic]
+        np.testing.assert_allclose(sel[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(), _fits(c, 128))
+    # a folder without any coordinate file of these micrographs is a clear error
+    (tmp_path / "Empty").mkdir()
+    with pytest.raises(InputError, match=r"no coordinate file for any micrograph \(looked for e\.g\. .*Empty/Movies/mic000_autopick\.star"):
+        run_extract(ExtractParams(**{**params.__dict__, "coords_star": "Empty"}), tmp_path)

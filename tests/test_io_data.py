@@ -10,6 +10,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pandas as pd
+import pytest
 
 from autospa.io.mrc import write_mrc
 from autospa.io.star import write_star
@@ -97,3 +98,24 @@ def write_raw_mrc(path: Path, data: np.ndarray, mode_dtype=None) -> Path:
             mrc.set_image_stack()
         mrc.voxel_size = 1.0
     return path
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_read_movie_decodes_lzw_tiff_without_imagecodecs(tmp_path: Path, dtype) -> None:
+    # EPU and SerialEM write counting-mode movies as LZW-compressed TIFF; tifffile alone needs the
+    # optional imagecodecs package for LZW, so the pages must still decode (through Pillow)
+    from PIL import Image
+
+    from autospa.io.preprocess_files import read_movie
+
+    frames = (np.arange(3 * 20 * 24).reshape(3, 20, 24) % 7).astype(dtype)
+    frames[1, 2, 3] = 200
+    pages = [Image.fromarray(f) for f in frames]
+    path = tmp_path / "movie.tiff"
+    pages[0].save(path, save_all=True, append_images=pages[1:], compression="tiff_lzw")
+    import tifffile
+
+    assert tifffile.TiffFile(path).pages[0].compression == 5  # really LZW
+    out = read_movie(path)
+    assert out.shape == (3, 20, 24) and out.dtype == dtype
+    np.testing.assert_array_equal(out, frames)

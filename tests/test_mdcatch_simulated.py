@@ -153,3 +153,19 @@ def test_watch_cli_on_simulated_session(sessions, site_config, tmp_path, capsys)
     assert f"{N_MOVIES} movie(s) ingested, 0 pending, 0 drift flag(s)" in text
     st = read_session_json(tmp_path / "o" / "session.json")
     assert [Path(m["movie"]).name for m in st["movies"]] == [p.name for p in files.movies]
+
+
+def test_simulated_epu_session_ships_its_microscope_for_mdcatch(sessions, tmp_path, monkeypatch):
+    # EPU XML records no Cs, and the simulator's instrument ID is in no microscope table: without the
+    # config the simulator writes, the watcher has no Cs and writes no movies.star
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    files = sessions["EPU"]
+    assert files.mdcatch_config == files.outdir / "truth" / "mdcatch_site.toml"
+    config = load_config(files.mdcatch_config)
+    assert config.microscopes["autospa-sim"].cs_mm == CS_MM
+    watcher = SessionWatcher(files.outdir, tmp_path / "out", config, WatchSettings(particle_diameter_a=60.0))
+    watcher.poll()
+    assert len(watcher.poll().ingested) == N_MOVIES
+    optics = read_star(tmp_path / "out" / "movies.star")["optics"]
+    assert float(optics["rlnSphericalAberration"].iloc[0]) == CS_MM
+    assert float(optics["rlnMicrographOriginalPixelSize"].iloc[0]) == PIXEL_A

@@ -144,3 +144,18 @@ def test_prep_jobs_run_from_job_star_options(tmp_path: Path, monkeypatch: pytest
     assert (ex / SUCCESS).exists()
     parts = read_star(ex / "particles.star")["particles"]
     assert len(parts) >= 0.9 * len(truth["m3"][1]) and int(read_star(ex / "particles.star")["optics"]["rlnImageSize"].iloc[0]) == 64
+
+
+def test_import_refuses_a_missing_gain_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a gain name that does not exist would only surface as every movie failing in motioncorr
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Movies").mkdir()
+    tifffile.imwrite(tmp_path / "Movies/m0.tiff", np.ones((2, 8, 8), np.uint8))
+    argv = ["import", "--movies", "Movies/*.tiff", "--o", "Import/job001", "--angpix", "1", "--kV", "300", "--Cs", "2.7", "--Q0", "0.1"]
+    with pytest.raises(InputError, match=r"^nogain\.mrc: gain reference not found"):
+        _cli([*argv, "--gainref", "nogain.mrc"])
+    assert not (tmp_path / "Import/job001/movies.star").exists()
+    tifffile.imwrite(tmp_path / "gain.tiff", np.ones((8, 8), np.float32))
+    assert _cli([*argv, "--gainref", "gain.tiff"]) == 0
+    optics = read_star(tmp_path / "Import/job001/movies.star")["optics"]
+    assert optics["rlnMicrographGainName"].tolist() == ["gain.tiff"]

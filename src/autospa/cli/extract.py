@@ -16,7 +16,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``extract`` subcommand."""
     p = subparsers.add_parser("extract", help="extract particles into particles.star + MRCS + a Zarr store", description=__doc__)
     p.add_argument("--i", required=True, metavar="STAR", help="micrographs_ctf.star (its CTF values go to every particle)")
-    p.add_argument("--coords", "--coord_list", dest="coords", required=True, metavar="STAR", help="autopick.star")
+    p.add_argument(
+        "--coords",
+        "--coord_list",
+        "--coord_dir",
+        dest="coords",
+        required=True,
+        metavar="STAR",
+        help="autopick.star (RELION 4), or RELION 3's coords_suffix_autopick.star or a folder of NAME_autopick.star / "
+        "NAME_manualpick.star files mirroring the micrographs' paths",
+    )
     add_job_arguments(p)
     g = p.add_argument_group("extraction (RELION's option names)")
     g.add_argument("--extract_size", type=int, default=0, help="box in micrograph pixels (default: 1.5 x --particle_diameter)")

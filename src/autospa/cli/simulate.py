@@ -110,6 +110,7 @@ def run_movies(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"wrote {len(files.movies)} {args.software} movies to {files.outdir}")
     print(f"truth: {files.micrographs_star}, {files.particles_star}")
+    print(f"MDCatch: autospa mdcatch watch {files.outdir} --config {files.mdcatch_config} (the simulated microscope's Cs)")
     return 0
 
 

@@ -79,16 +79,40 @@ def read_movie(path: str | Path, eer_grouping: int = 32) -> np.ndarray:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
+    """All pages of a TIFF as ``(n, h, w)``.
+
+    tifffile decodes LZW (the usual compression of counting-mode movies from EPU and SerialEM)
+    only with the optional ``imagecodecs`` package; without it the pages are decoded by Pillow,
+    which has its own LZW (and deflate/packbits) decoders.
+    """
     import tifffile
 
     try:
         data = tifffile.imread(path)
     except Exception as exc:
-        raise InputError(path, f"cannot read TIFF ({type(exc).__name__}: {exc})") from exc
+        if "imagecodecs" not in str(exc):
+            raise InputError(path, f"cannot read TIFF ({type(exc).__name__}: {exc})") from exc
+        data = _read_tiff_pillow(path, exc)
     data = np.asarray(data)
     if data.ndim == 2:
         data = data[None]
     return data
+
+
+def _read_tiff_pillow(path: Path, cause: Exception) -> np.ndarray:
+    """Decode every page of a compressed TIFF with Pillow (the fallback of :func:`_read_tiff`)."""
+    from PIL import Image, ImageSequence
+
+    try:
+        with Image.open(path) as im:
+            pages = [np.array(page) for page in ImageSequence.Iterator(im)]
+    except Exception as exc:
+        raise InputError(
+            path, f"cannot read TIFF ({type(cause).__name__}: {cause}; Pillow: {type(exc).__name__}: {exc})"
+        ) from exc
+    if not pages or any(p.ndim != 2 or p.shape != pages[0].shape for p in pages):
+        raise InputError(path, "cannot read TIFF: pages are not 2D images of one size")
+    return np.stack(pages)
 
 
 def _read_eer(path: Path, grouping: int) -> np.ndarray:

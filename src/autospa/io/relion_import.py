@@ -120,6 +120,8 @@ def _import_images(
     _check_value("Q0", q0, lambda v: 0 <= v < 1)
     if not group_name or any(ch.isspace() for ch in group_name):
         raise InputError(None, f"optics group name {group_name!r} must be a non-empty word without spaces")
+    if gainref and not Path(gainref).is_file():  # else every movie fails later, in motion correction
+        raise InputError(gainref, "gain reference not found (paths are relative to the project directory)")
     out = Path(outdir) / ofile
     name_label = "rlnMicrographMovieName" if kind == "movies" else "rlnMicrographName"
     files = sorted(f for f in glob.glob(pattern) if not Path(f).is_dir())

@@ -25,6 +25,7 @@ particles.star are extracted; the store is then rebuilt from all stacks.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,7 +75,8 @@ class ExtractParams:
     mics_star
         micrographs_ctf.star [star_mics / --i].
     coords_star
-        autopick.star [coords_suffix / --coords].
+        autopick.star [coords_suffix / --coords]; also RELION 3's ``coords_suffix_*.star`` or a
+        folder of per-micrograph coordinate files (see :func:`coordinate_files`).
     output_dir
         Job directory [--o].
     extract_size
@@ -199,6 +201,47 @@ def _extract_micrograph(task: dict) -> dict:
     return {"rows": rows, "n": k}
 
 
+#: Suffixes of RELION's per-micrograph coordinate files, tried in turn for a coordinate folder.
+COORDINATE_SUFFIXES = ("_autopick.star", "_manualpick.star", "_pick.star")
+
+_COORDS_SUFFIX_FILE = re.compile(r"^coords_suffix(_.+\.star)$")
+
+
+def coordinate_files(coords: Path, micrograph_names, project: Path) -> dict[str, str]:
+    """Micrograph name -> coordinate file, from any of RELION's ways of naming the picks.
+
+    * RELION 4's ``autopick.star`` / ``manualpick.star`` (``data_coordinate_files``);
+    * RELION 3's ``coords_suffix_SUFFIX.star`` in a picking job's folder: the coordinates of
+      micrograph ``MotionCorr/job002/Movies/a.mrc`` are ``JOBDIR/Movies/a_SUFFIX.star``;
+    * a folder (RELION 3's ``--coord_dir``), with any of :data:`COORDINATE_SUFFIXES`.
+
+    Raises
+    ------
+    InputError
+        Missing file, no coordinate table, or (RELION 3 layouts) no coordinate file for any of the
+        micrographs.
+    """
+    match = _COORDS_SUFFIX_FILE.match(coords.name)
+    if coords.is_dir():
+        coord_dir, suffixes = coords, COORDINATE_SUFFIXES
+    elif match and coords.is_file():
+        coord_dir, suffixes = coords.parent, (match.group(1),)
+    else:
+        index = read_coordinate_index(coords)
+        return dict(zip(index["rlnMicrographName"], index["rlnMicrographCoordinates"], strict=True))
+    found = {}
+    for mic in micrograph_names:
+        for suffix in suffixes:
+            path = mirror_path(mic, coord_dir, suffix)
+            if path.is_file():
+                found[mic] = project_relative(path, project)
+                break
+    if not found:
+        example = mirror_path(next(iter(micrograph_names), "NAME.mrc"), coord_dir, suffixes[0])
+        raise InputError(coords, f"no coordinate file for any micrograph (looked for e.g. {example})")
+    return found
+
+
 def run_extract(
     params: ExtractParams,
     project_dir: str | Path | None = None,
@@ -217,8 +260,7 @@ def run_extract(
     coords_star = resolve(params.coords_star, project)
     out_dir = resolve(params.output_dir, project)
     table = read_micrograph_table(mics_star, "micrographs", "rlnMicrographName")
-    index = read_coordinate_index(coords_star)
-    coord_files = dict(zip(index["rlnMicrographName"], index["rlnMicrographCoordinates"], strict=True))
+    coord_files = coordinate_files(coords_star, table.rows["rlnMicrographName"].astype(str), project)
     out_star = out_dir / OUTPUT_STAR
     done_particles = _existing_particles(out_star) if continue_ else None
     done = set(done_particles["rlnMicrographName"].astype(str)) if done_particles is not None else set()

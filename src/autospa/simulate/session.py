@@ -185,6 +185,10 @@ class SessionFiles:
         The gain reference, or None.
     micrographs_star, particles_star
         Truth tables.
+    mdcatch_config
+        ``truth/mdcatch_site.toml``: the simulated microscope (ID ``autospa-sim``) and its Cs for
+        MDCatch (``autospa mdcatch watch OUT --config OUT/truth/mdcatch_site.toml``); EPU XML does
+        not record Cs, so without it the watcher cannot write movies.star.
     motion_stars, coordinate_stars, clean_micrographs
         Per-movie truth files.
     """
@@ -195,6 +199,7 @@ class SessionFiles:
     gain: Path | None
     micrographs_star: Path
     particles_star: Path
+    mdcatch_config: Path | None = None
     motion_stars: list[Path] = field(default_factory=list)
     coordinate_stars: list[Path] = field(default_factory=list)
     clean_micrographs: list[Path] = field(default_factory=list)
@@ -380,6 +385,12 @@ def simulate_session(
     )
     mics_star = write_star(outdir / "truth" / "micrographs.star", {"optics": optics, "micrographs": pd.DataFrame(mic_rows)})
     parts_star = write_particles_star(outdir / "truth" / "particles.star", optics, pd.concat(part_rows, ignore_index=True))
+    site = outdir / "truth" / "mdcatch_site.toml"
+    write_text(
+        site,
+        f'# the simulated microscope, for autospa mdcatch --config\n[microscopes.autospa-sim]\nname = "Simulator"\n'
+        f"cs_mm = {float(cs_mm)!r}\n",
+    )
     log.info("simulated a %s session of %d movies in %s", software, n_movies, outdir)
     return SessionFiles(
         outdir=outdir,
@@ -388,6 +399,7 @@ def simulate_session(
         gain=gain_path,
         micrographs_star=mics_star,
         particles_star=parts_star,
+        mdcatch_config=site,
         motion_stars=motion_stars,
         coordinate_stars=coord_stars,
         clean_micrographs=cleans,
