@@ -19,7 +19,10 @@ Method (in the spirit of CTFFIND4):
 5. **Quality.** rlnCtfFigureOfMerit is the correlation between the background-subtracted spectrum
    and ``E * CTF^2`` over the fitting range; rlnCtfMaxResolution is the highest resolution up to
    which the local correlation between the spectrum and the model's rings (in sliding windows of
-   one CTF oscillation) stays above ``0.3``.
+   one CTF oscillation) stays above ``0.5`` (CTFFIND4's rule: the drop only counts after more
+   than three windows were above ``0.66``; windows at the start of the fitting range, where the
+   first ring is cut by the range, cannot end it). It is reported from the equiphase average, up
+   to Nyquist, and may lie beyond the fitting range (as CTFFIND's fit resolution does).
 """
 
 from __future__ import annotations
@@ -36,8 +39,25 @@ from autospa.numerics.ctf import ctf_chi, ctf_constants
 
 log = logging.getLogger(__name__)
 
-#: Local correlation below which the CTF rings are considered lost (rlnCtfMaxResolution).
-RESOLUTION_CC_THRESHOLD = 0.3
+#: Local correlation below which the CTF rings are considered lost (rlnCtfMaxResolution), once
+#: the fit has been armed (CTFFIND4's "significance" threshold of the fit-resolution criterion).
+RESOLUTION_CC_THRESHOLD = 0.5
+#: Windows above this correlation arm the criterion above (see :data:`RESOLUTION_ARM_INDEPENDENT`).
+RESOLUTION_CC_HIGH = 0.66
+#: Once more than :data:`RESOLUTION_ARM_COUNT` windows exceeded it, a window below it ends the fit.
+RESOLUTION_CC_LOW = 0.1
+#: Number of windows that must exceed a threshold before a drop below it counts.
+RESOLUTION_ARM_COUNT = 3
+#: Fewest profile samples on each side of a window centre.
+RESOLUTION_MIN_HALF_WINDOW = 6
+#: Windows above :data:`RESOLUTION_CC_HIGH` (significant, half a window apart) needed to arm the
+#: :data:`RESOLUTION_CC_THRESHOLD` criterion; a fit that never arms it has no resolution.
+RESOLUTION_ARM_INDEPENDENT = 2
+#: A window counts as agreeing (towards :data:`RESOLUTION_CC_HIGH` and
+#: :data:`RESOLUTION_CC_THRESHOLD`) only when its correlation is also significant: Fisher
+#: ``atanh(cc) sqrt(n - 5)`` at least this (``n`` samples). Short windows of a noise spectrum reach
+#: ``cc > 0.66`` by chance; without this, fits to pure noise reported 4-8 A.
+RESOLUTION_MIN_Z = 3.0
 
 
 @dataclass(frozen=True)
@@ -477,8 +497,9 @@ def _max_resolution(
     are averaged in shells of that frequency (astigmatic rings become circular). In sliding
     windows of one CTF oscillation on each side, a straight line in ``k`` is regressed out of both
     the profile and the model ``CTF^2``; the correlation of what remains is the local fit quality.
-    The resolution is the last window centre before three consecutive windows fall below
-    :data:`RESOLUTION_CC_THRESHOLD`.
+    The resolution is the centre of the last good window by :func:`_last_good_window`
+    (CTFFIND4's criterion); ``1 / k_lo`` (the low end of the fitting range) when no window
+    agrees.
     """
     box = amp.shape[0]
     f64 = torch.float64
@@ -509,10 +530,10 @@ def _max_resolution(
     model = torch.sin(chi1) ** 2
     lam = k1 / math.pi
     i0 = int(math.ceil(k_lo / dk))
-    centres, ccs = [], []
+    centres, ccs, sizes = [], [], []
     for i in range(i0, n_sh - 2):
         k = float(ks[i])
-        half = max(4, int(math.ceil(1.0 / max(2 * lam * mean_df * k, 1e-12) / dk)))
+        half = max(RESOLUTION_MIN_HALF_WINDOW, int(math.ceil(1.0 / max(2 * lam * mean_df * k, 1e-12) / dk)))
         sel = torch.arange(max(0, i - half), min(n_sh, i + half + 1), device=dev)
         sel = sel[cnt[sel] > 0]
         if sel.numel() < 6:
@@ -523,18 +544,60 @@ def _max_resolution(
         rm = model[sel] - proj @ model[sel]
         den = torch.sqrt((rp * rp).sum() * (rm * rm).sum())
         centres.append(k)
+        sizes.append(int(sel.numel()))
         ccs.append(float((rp * rm).sum() / den) if float(den) > 0 else 0.0)
-    last_good = k_lo
-    if ccs:
-        cc = np.asarray(ccs)
-        # smooth over 5 windows so that single noisy windows neither end nor extend the range
-        sm = np.convolve(np.pad(cc, 2, mode="edge"), np.ones(5) / 5, mode="valid")
-        log.debug("resolution windows: %s", np.round(sm, 2).tolist())
-        bad = np.flatnonzero(sm < RESOLUTION_CC_THRESHOLD)
-        last = (bad[0] - 1) if bad.size else len(sm) - 1
-        if last >= 0:
-            last_good = centres[last]
-    return float(1.0 / min(max(last_good, k_lo), nyq))
+    last_good = _last_good_window(np.asarray(ccs), np.asarray(sizes))
+    log.debug("resolution windows: %s", np.round(np.asarray(ccs), 2).tolist())
+    k_good = centres[last_good] if last_good is not None else k_lo
+    return float(1.0 / min(max(k_good, k_lo), nyq))
+
+
+def _last_good_window(cc: np.ndarray, sizes: np.ndarray) -> int | None:
+    """Index of the last window whose CTF rings still agree with the spectrum (CTFFIND4's rule).
+
+    Windows are scanned from low to high frequency. The fit ends at the first window whose local
+    correlation is below :data:`RESOLUTION_CC_THRESHOLD` after :data:`RESOLUTION_ARM_INDEPENDENT`
+    independent windows (half a window apart, significant) were above :data:`RESOLUTION_CC_HIGH`,
+    or below :data:`RESOLUTION_CC_LOW` after more than :data:`RESOLUTION_ARM_COUNT` windows were
+    above it. Low correlations before
+    the criterion is armed (the first ring, where a window is cut by the fitting range) do not end
+    it. Returns ``None`` when the criterion was never armed (no rings found: a fit to noise agrees
+    with the spectrum over a short stretch by chance, and is not reported as a resolution).
+
+    Parameters
+    ----------
+    cc
+        ``(W,)`` local correlations of consecutive windows, low frequency first.
+    sizes
+        ``(W,)`` number of profile samples in each window.
+
+    Returns
+    -------
+    int or None
+        The last window before the end that agrees significantly (correlation above
+        :data:`RESOLUTION_CC_THRESHOLD` and Fisher z at least :data:`RESOLUTION_MIN_Z`).
+    """
+    # Fisher z of each window (two parameters, a line, are regressed out of both curves)
+    z = np.arctanh(np.clip(cc, -0.999999, 0.999999)) * np.sqrt(np.maximum(sizes - 5, 1))
+    significant = z >= RESOLUTION_MIN_Z
+    half = (sizes - 1) // 2
+    n_low = n_high = 0
+    last_high = -(10**9)
+    last_ok: int | None = None
+    for i, c in enumerate(cc.tolist()):
+        if (n_low > RESOLUTION_ARM_COUNT and c < RESOLUTION_CC_LOW) or (
+            n_high >= RESOLUTION_ARM_INDEPENDENT and c < RESOLUTION_CC_THRESHOLD
+        ):
+            break
+        n_low += c > RESOLUTION_CC_LOW
+        if c > RESOLUTION_CC_HIGH and significant[i] and i - last_high >= half[i]:
+            n_high += 1  # windows half a window apart count as independent evidence
+            last_high = i
+        if c > RESOLUTION_CC_THRESHOLD and significant[i]:
+            last_ok = i
+    # a fit whose rings never agreed convincingly (a fit to noise, which always matches the
+    # spectrum somewhere by chance) has no resolution
+    return last_ok if n_high >= RESOLUTION_ARM_INDEPENDENT else None
 
 
 def diagnostic_image(fit: CtfFit, voltage_kv: float, cs_mm: float, amplitude_contrast: float) -> torch.Tensor:

@@ -208,7 +208,28 @@ def _subpixel_peak(cc: torch.Tensor, max_shift_px: float) -> torch.Tensor:
     return torch.stack([dx, dy], dim=-1)
 
 
+def _peak_significance(cc: torch.Tensor, max_shift_px: float) -> torch.Tensor:
+    """Height of the highest cross-correlation value in the search window, in standard deviations
+    of the window above its mean; ``cc (n, h, w)`` (FFT layout), returns ``(n,)``.
+
+    The largest of ~10^4 values of pure noise is about 4 standard deviations.
+    """
+    n, h, w = cc.shape
+    r = int(max(1, min(math.floor(max_shift_px), h // 2 - 1, w // 2 - 1)))
+    offs = torch.arange(-r, r + 1, device=cc.device)
+    win = cc[:, (offs % h)[:, None], (offs % w)[None, :]].reshape(n, -1)
+    return (win.amax(1) - win.mean(1)) / win.std(1).clamp_min(1e-30)
+
+
 # ----------------------------------------------------------------------- global alignment ---
+
+
+#: RELION's MotioncorrRunner::alignPatch searches the cross-correlation peak within 50 pixels
+#: (of the unbinned frames) of the current position.
+MAX_SHIFT_PX = 50.0
+#: A cross-correlation peak counts only when it is this many standard deviations above the mean
+#: of the search window (see :func:`_peak_significance`).
+MIN_PEAK_Z = 6.0
 
 
 def _align_stack(
@@ -231,8 +252,15 @@ def _align_stack(
         ref = total - aligned
         cc = torch.fft.irfft2(aligned * ref.conj(), s=(h, w))
         drift = _subpixel_peak(cc, max_shift_px)  # remaining drift of each frame w.r.t. the others
+        z = _peak_significance(cc, max_shift_px)
+        # a frame whose peak does not stand out of the noise keeps its shift (noise peaks are
+        # anywhere in the search window: following them gave shifts of 50-170 px at low dose)
+        drift = torch.where((z >= MIN_PEAK_Z)[:, None], drift, torch.zeros_like(drift))
+        log.debug("alignment iteration %d: peak significance %s", it, [round(v, 1) for v in z.tolist()])
         shifts = shifts - drift
         shifts = shifts - shifts.mean(0, keepdim=True)
+        # the search range bounds the total shift (RELION: 50 px), not only one iteration's update
+        shifts = shifts.clamp(-max_shift_px, max_shift_px)
         change = drift.abs().max().item()
         log.debug("alignment iteration %d: largest update %.4f px", it, change)
         if change < tol_px:
@@ -262,7 +290,7 @@ def estimate_global_shifts(
     pixel_size_a: float,
     bfactor_a2: float = 150.0,
     group_frames: int = 1,
-    max_shift_a: float = 200.0,
+    max_shift_a: float | None = None,
     max_iter: int = 10,
     tol_px: float = 0.01,
     align_max_size: int = 1024,
@@ -280,7 +308,8 @@ def estimate_global_shifts(
     group_frames
         Align sums of this many consecutive frames; shifts are interpolated to every frame.
     max_shift_a
-        Largest drift searched (Angstrom, relative to the average frame).
+        Largest drift searched (Angstrom, relative to the average frame); default
+        :data:`MAX_SHIFT_PX` unbinned pixels, as RELION.
     max_iter, tol_px
         Stop after ``max_iter`` iterations or when no shift changes by more than ``tol_px``.
     align_max_size
@@ -311,7 +340,8 @@ def estimate_global_shifts(
     scale = w / wa
     filt = _bfactor_filter(ha, wa, pixel_size_a * scale, bfactor_a2, frames.device)
     filt[0, 0] = 0.0
-    gshifts = _align_stack(spectra, ha, wa, filt, max_shift_a / (pixel_size_a * scale), max_iter, tol_px)
+    max_shift_px = MAX_SHIFT_PX if max_shift_a is None else max_shift_a / pixel_size_a
+    gshifts = _align_stack(spectra, ha, wa, filt, max_shift_px / scale, max_iter, tol_px)
     gshifts = gshifts * scale
     shifts = _interpolate_group_shifts(gshifts, n, group) if group > 1 else gshifts
     return shifts - shifts[:1]
