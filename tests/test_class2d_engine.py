@@ -549,3 +549,31 @@ def test_threaded_grid_sample_equals_one_call(threads):
                 assert got.shape == want.shape and torch.equal(got, want), (c, spatial, rest)
     finally:
         torch.set_num_threads(saved)
+
+
+def test_ctf_of_the_current_window_gives_the_same_estep(sim):
+    """Map tasks compute the CTF only inside the E-step's windows (shells <= current_size // 2):
+    the values there are the whole grid's, the rest is 0, and the E-step's numbers are identical."""
+    from autospa.distributed.map_reduce import ctf_images
+
+    mask = circular_mask(BOX, 25)
+    _, model = _true_model(sim, mask, current_size=32)
+    n = len(sim.truth)
+    cols = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]
+    params = np.concatenate([sim.truth[cols].to_numpy(), np.tile([300.0, 2.7, 0.1, 15.0, 40.0, 0.9], (n, 1))], 1)
+    full = ctf_images(params, n, BOX, PIX, torch.device("cpu"))
+    part = ctf_images(params, n, BOX, PIX, torch.device("cpu"), size=model.current_size)
+    _, shells = es.rfft_frequencies(BOX)
+    inside = (shells <= model.current_size // 2).reshape(BOX, BOX // 2 + 1)
+    assert torch.equal(part[:, inside], full[:, inside]) and bool((part[:, ~inside] == 0).all())
+    assert int(inside.sum()) < 0.3 * inside.numel()
+    runs = []
+    for ctf in (full, part):
+        batch = es.ParticleBatch(sim.images, ctf, torch.zeros(n, 2), torch.zeros(n, dtype=torch.long), torch.arange(n) % 2)
+        es.clear_prep_cache()
+        runs.append(es.expectation(batch, model, es.Sampling(**FAST), mask))
+    (s_full, r_full), (s_part, r_part) = runs
+    for f in ("data", "weight", "class_weight", "noise_power", "log_likelihood"):
+        assert torch.equal(getattr(s_full, f), getattr(s_part, f)), f
+    for f in r_full.__dataclass_fields__:
+        assert torch.equal(getattr(r_full, f), getattr(r_part, f)), f

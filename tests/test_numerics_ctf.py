@@ -112,3 +112,18 @@ def test_batched_rectangular_and_flags() -> None:
     assert torch.allclose(flipped, single.abs())
     intact = C.ctf_2d(20000.0, 19500.0, 45.0, 300.0, 2.7, 0.1, 1.5, 32, intact_first_peak=True)[0]
     assert float(intact[0, 0]) == 1.0
+
+
+def test_ctf_at_listed_frequencies_equals_the_grid() -> None:
+    """``frequencies=`` evaluates the same formula at chosen pixels: the grid's values there."""
+    box, pix = 48, 1.7
+    du = torch.tensor([12000.0, 25000.0, 8000.0], dtype=torch.float64)
+    dv, ang = du - 900.0, torch.tensor([10.0, 75.0, 140.0], dtype=torch.float64)
+    kw = dict(phase_shift_deg=torch.tensor([0.0, 30.0, 90.0]), bfactor_a2=torch.tensor([0.0, 50.0, 120.0]),
+              scale=torch.tensor([1.0, 0.8, 1.2]))
+    grid = C.ctf_2d(du, dv, ang, 300.0, 2.7, 0.07, pix, box, **kw)  # (3, 48, 25)
+    f = fftfreq_2d(box, rfft=True) * box  # (48, 25, 2) in cycles per box
+    pick = torch.tensor([0, 1, 30, 77, 600, 1199])
+    at = C.ctf_2d(du, dv, ang, 300.0, 2.7, 0.07, pix, box, **kw, frequencies=f.reshape(-1, 2)[pick])
+    assert at.shape == (3, len(pick))
+    assert torch.allclose(at, grid.reshape(3, -1)[:, pick], rtol=0, atol=1e-6)

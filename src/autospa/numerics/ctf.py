@@ -143,6 +143,7 @@ def ctf_2d(
     *,
     intact_first_peak: bool = False,
     phase_flipped: bool = False,
+    frequencies: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RELION's 2D CTF on the unshifted Fourier grid of a ``box`` x ``box`` image.
 
@@ -170,12 +171,16 @@ def ctf_2d(
         RELION's ``--ctf_intact_first_peak``: CTF = 1 where ``|chi| < pi / 2``.
     phase_flipped
         RELION's ``--ctf_phase_flipped``: return ``|CTF|``.
+    frequencies
+        ``(F, 2)`` frequencies ``(kx, ky)`` in cycles per ``box`` pixels (an int ``box``): the CTF
+        at these only (the same values as at those pixels of the grid), ``rfft`` ignored.
 
     Returns
     -------
     torch.Tensor
-        ``(B, box, box // 2 + 1)`` (or ``(B, box, box)``; ``(B, h, w // 2 + 1)`` for a tuple box),
-        B = broadcast size of the per-particle parameters (1 if all are floats).
+        ``(B, box, box // 2 + 1)`` (or ``(B, box, box)``; ``(B, h, w // 2 + 1)`` for a tuple box;
+        ``(B, F)`` with ``frequencies``), B = broadcast size of the per-particle parameters (1 if
+        all are floats).
     """
     if device is None:
         for p in (defocus_u_a, defocus_v_a, defocus_angle_deg, voltage_kv, phase_shift_deg, bfactor_a2, scale):
@@ -183,7 +188,10 @@ def ctf_2d(
                 device = p.device
                 break
     f64 = torch.float64
-    k = _freq_grid(box, rfft, device, f64) / pixel_size_a
+    if frequencies is None:
+        k = _freq_grid(box, rfft, device, f64) / pixel_size_a
+    else:  # (1, F, 2): broadcast against the (B, 1, 1) parameters as a (1, F) "grid"
+        k = (frequencies.to(device=device, dtype=f64) / (int(box) * pixel_size_a))[None]
     kx, ky = k[..., 0], k[..., 1]
     k1, k2, k3, k5 = ctf_constants(voltage_kv, cs_mm, amplitude_contrast, phase_shift_deg, f64, device)
     chi = ctf_chi(
@@ -201,6 +209,8 @@ def ctf_2d(
     out = _finish(
         chi, u2, _col(bfactor_a2, f64, device), _col(scale, f64, device), intact_first_peak, phase_flipped
     )
+    if frequencies is not None:
+        out = out.reshape(out.shape[0], -1)  # (B, 1, F) -> (B, F)
     return out.to(dtype)
 
 
