@@ -213,6 +213,10 @@ def test_initial_model_cli_reaches_twice_nyquist_on_an_asymmetric_phantom(tmp_pa
                             "--particle_diameter", "86", "--iter", "24", "--max_healpix_order", "2", "--random_seed", "0",
                             "--j", "1"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # the gold-standard EM iterations after VDAM are reported like the VDAM ones (not minutes of silence)
+    em = [line.split() for line in r.stderr.splitlines() if line.startswith("gold-standard EM iteration ")]
+    assert [w[3].rstrip(":") for w in em] == [f"{i}/5" for i in range(1, 6)], r.stderr[-2000:]
+    assert all(float(w[w.index("resolution") + 1]) >= 12.0 for w in em)  # at most Nyquist (2 x 6 A)
     model, _ = read_volume(tmp_path / "im" / "initial_model.mrc")
     truth, _ = read_volume(ds.maps[0])
     al = align_maps(model, truth, 6.0)

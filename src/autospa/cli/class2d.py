@@ -125,16 +125,19 @@ def progress_bar(label: str):
     prog = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
                     disable=not console.is_terminal)
-    task = [None]
+    tasks: dict = {}  # one bar per stage of the run
     prog.start()
 
     def update(info) -> None:
         text = f"res {info.resolution_a:.1f} A  pmax {info.average_pmax:.3f}"
-        if task[0] is None:
-            task[0] = prog.add_task(label, total=info.n_iter, completed=info.iteration - 1, info=text)
-        prog.update(task[0], completed=info.iteration, info=text)
+        stage = getattr(info, "stage", None)
+        if stage not in tasks:
+            tasks[stage] = prog.add_task(label if stage is None else f"{label} {stage}", total=info.n_iter,
+                                         completed=info.iteration - 1, info=text)
+        prog.update(tasks[stage], completed=info.iteration, info=text)
         if not console.is_terminal:
-            print(f"iteration {info.iteration}/{info.n_iter}: {info.n_particles} particles, {info.seconds:.1f} s, "
-                  f"resolution {info.resolution_a:.1f} A, <pmax> {info.average_pmax:.3f}", file=sys.stderr, flush=True)
+            print(f"{'' if stage is None else stage + ' '}iteration {info.iteration}/{info.n_iter}: {info.n_particles} "
+                  f"particles, {info.seconds:.1f} s, resolution {info.resolution_a:.1f} A, <pmax> {info.average_pmax:.3f}",
+                  file=sys.stderr, flush=True)
 
     return update, prog.stop

@@ -133,6 +133,7 @@ class IterationInfo:
     log_likelihood: float
     average_pmax: float
     written: str | None
+    stage: str | None = None  # a later stage of the run with its own count (initial-model's gold-standard EM)
 
 
 # --------------------------------------------------------------------------------------------

@@ -290,8 +290,10 @@ def gold_standard_finish(
     mask: torch.Tensor | None,
     diameter_px: float,
     client=None,
+    progress: Callable[[IterationInfo], None] | None = None,
 ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    """The most populated class after ``opts.final_em_iter`` gold-standard EM iterations.
+    """The most populated class after ``opts.final_em_iter`` gold-standard EM iterations
+    (each reported to ``progress`` as stage ``"gold-standard EM"``).
 
     Not in RELION. VDAM's pseudo half-sets are aligned to one shared reference, so the FSC of
     their moments also counts the noise the reference has fitted, and the map keeps it: on
@@ -329,6 +331,7 @@ def gold_standard_finish(
     gold = state.replace(refs=torch.stack([vol, vol]), class_prior=torch.ones(1, dtype=torch.float64))
     fsc = None
     for i in range(opts.final_em_iter):
+        t0 = time.perf_counter()
         sampling = Sampling(offset_range_px=opts.offset_range_px, offset_step_px=opts.offset_step_px,
                             perturb=float(rng.uniform(-0.5, 0.5)), adaptive_fraction=opts.adaptive_fraction,
                             max_significants=maxsig, healpix_order=order)
@@ -337,8 +340,14 @@ def gold_standard_finish(
         rec = ar.reconstruct_halves(stats, box, gold.pad, gold.current_size, 1.0, diameter_px / 2)
         gold = gold.replace(refs=rec.halves.to(torch.float32))
         vol, fsc = rec.combined.to(torch.float32), rec.fsc
+        res_a = box * state.pixel_size_a / max(rec.resolution_shell, 1)
         log.info("gold-standard EM %d/%d on class %d (%d particles): half-map FSC 0.143 at %.1f A", i + 1,
-                 opts.final_em_iter, best + 1, len(members), box * state.pixel_size_a / max(rec.resolution_shell, 1))
+                 opts.final_em_iter, best + 1, len(members), res_a)
+        if progress is not None:
+            n_done = max(1, int(stats.n_particles))
+            progress(IterationInfo(i + 1, opts.final_em_iter, len(members), time.perf_counter() - t0, res_a,
+                                   float(stats.log_likelihood), float(stats.max_posterior) / n_done, None,
+                                   stage="gold-standard EM"))
     return vol, best, fsc
 
 
@@ -428,7 +437,8 @@ def run_initial_model(
                                    float(state.log_likelihood), float(state.average_pmax), None if root is None else str(root)))
         if stop_after is not None and it >= stop_after:
             return {"iteration": it, "state": state, "particles": pp, "store": store_path, "initial_model": None, "class_index": None}
-    vol, best, half_fsc = gold_standard_finish(opts, state, pp, table, store_path, chunk_bounds, mask, diameter_px, client)
+    vol, best, half_fsc = gold_standard_finish(opts, state, pp, table, store_path, chunk_bounds, mask, diameter_px, client,
+                                               progress)
     vol, info = final_map(vol, opts.symmetry)
     path = write_volume(out_dir / "initial_model.mrc", vol, state.pixel_size_a)
     return {"iteration": state.iteration, "state": state, "particles": pp, "store": store_path, "initial_model": path,
