@@ -29,7 +29,7 @@ from autospa.io.zarr_store import open_store
 from autospa.jobs.refine_common import (
     checkpoint_path, group_tables, require_checkpoint, save_run_checkpoint,
     check_particles_input, current_client, initial_noise,
-    input_store, particle_diameter_px, per_particle_init, write_data_table,
+    input_store, particle_diameter_px, per_particle_init, shared_pixel_size, write_data_table,
 )
 from autospa.jobs.registry import check_abort, job_device, option_bool, option_float, option_int, register_job, resolve_path, succeed
 from autospa.numerics.masks import soft_circular_mask
@@ -157,7 +157,7 @@ def particle_table(stack: ParticleStack, use_ctf: bool) -> ParticleTable:
     groups_1b = meta["OpticsGroup"].to_numpy(np.int64) if "OpticsGroup" in meta else np.ones(n, np.int64)
     group_ids = sorted(set(groups_1b.tolist()))
     group = np.searchsorted(np.array(group_ids), groups_1b).astype(np.int64)
-    pixel = float(stack.pixel_size_a)
+    pixel = shared_pixel_size(stack)
     params = None
     premult = None
     if use_ctf:

@@ -305,7 +305,7 @@ def run_refine3d(
     store_path = input_store(opts.input, opts.output, opts.store_chunk) if not continue_ else Path(ck["store"])
     stack = open_store(store_path)
     table = particle_table(stack, use_ctf(stack, opts.ctf))
-    n, box, pix = len(stack), stack.box, float(stack.pixel_size_a)
+    n, box, pix = len(stack), stack.box, table.pixel_size_a
     diameter_px = particle_diameter_px(opts, stack)
     mask = circular_mask(box, diameter_px / 2) if opts.zero_mask else None
     if continue_:

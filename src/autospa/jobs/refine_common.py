@@ -62,11 +62,48 @@ def input_store(input_path: str | Path, output_root: str | Path, chunk: int = 10
     return store
 
 
+def used_optics_groups(stack: ParticleStack) -> np.ndarray:
+    """``(G,)`` sorted int64 optics group numbers (1-based) that at least one particle uses."""
+    meta = stack.metadata
+    if "OpticsGroup" in meta:
+        return np.unique(meta["OpticsGroup"].to_numpy(np.int64))
+    return np.ones(1, np.int64)
+
+
+def shared_pixel_size(stack: ParticleStack) -> float:
+    """The pixel size (Angstrom) of the optics groups the particles use, which must agree.
+
+    Optics groups no particle uses (a subset keeps RELION's whole data_optics table) are ignored.
+
+    Raises
+    ------
+    InputError
+        No pixel size, or the used optics groups have different pixel sizes (RELION rescales them
+        to the first group's; autospa refines at one pixel size).
+    """
+    src = stack.dataset.attrs.get("source_star") or stack.store_path or "particles"
+    optics = stack.optics
+    if optics.empty or "rlnImagePixelSize" not in optics or "rlnOpticsGroup" not in optics:
+        raise InputError(src, "the optics table has no rlnImagePixelSize")
+    apix = dict(zip(optics["rlnOpticsGroup"].astype(int), optics["rlnImagePixelSize"].astype(float), strict=True))
+    used = used_optics_groups(stack)
+    missing = [int(g) for g in used if int(g) not in apix]
+    if missing:
+        raise InputError(src, f"particles use optics group(s) {missing}, which the optics table does not define")
+    values = {int(g): apix[int(g)] for g in used}
+    if len(set(values.values())) != 1:
+        detail = ", ".join(f"group {g}: {v:g} A" for g, v in values.items())
+        raise InputError(src, f"optics groups have different pixel sizes ({detail}); autospa refines at one pixel "
+                              "size: rescale the particles to a common pixel size (e.g. re-extract with --rescale) "
+                              "or process the groups separately")
+    return next(iter(values.values()))
+
+
 def particle_diameter_px(opts, stack: ParticleStack) -> float:
     """``opts.particle_diameter_a`` in pixels of the stack (default 75 % of the box), checked."""
     if opts.particle_diameter_a is None:
         return 0.75 * stack.box
-    d = opts.particle_diameter_a / float(stack.pixel_size_a)
+    d = opts.particle_diameter_a / shared_pixel_size(stack)
     if d <= 2 or d > 2 * stack.box:
         raise InputError(opts.input, f"--particle_diameter {opts.particle_diameter_a} A is {d:.1f} px for a box of {stack.box} px")
     return min(d, stack.box - 2.0)
@@ -110,10 +147,17 @@ def group_tables(sigma2: torch.Tensor, table: ParticleTable, stack: ParticleStac
     n_groups = int(table.group.max()) + 1
     counts = np.bincount(table.group, minlength=n_groups)
     optics = stack.optics
-    names = optics["rlnOpticsGroupName"].tolist() if "rlnOpticsGroupName" in optics else [f"opticsGroup{g + 1}" for g in range(n_groups)]
-    groups = pd.DataFrame({"rlnGroupNumber": np.arange(1, n_groups + 1), "rlnGroupName": names[:n_groups],
+    used = used_optics_groups(stack)
+    if len(used) != n_groups:
+        used = np.arange(1, n_groups + 1)
+    if "rlnOpticsGroupName" in optics and "rlnOpticsGroup" in optics:
+        name_of = dict(zip(optics["rlnOpticsGroup"].astype(int), optics["rlnOpticsGroupName"].astype(str), strict=True))
+        names = [name_of.get(int(g), f"opticsGroup{int(g)}") for g in used]
+    else:
+        names = [f"opticsGroup{int(g)}" for g in used]
+    groups = pd.DataFrame({"rlnGroupNumber": np.arange(1, n_groups + 1), "rlnGroupName": names,
                            "rlnGroupNrParticles": counts, "rlnGroupScaleCorrection": np.ones(n_groups)})
-    rescols = rf.resolution_columns(sigma2.shape[1], stack.box, float(stack.pixel_size_a))
+    rescols = rf.resolution_columns(sigma2.shape[1], stack.box, shared_pixel_size(stack))
     noise = []
     for g in range(n_groups):
         s2 = sigma2[g].cpu().numpy()
@@ -236,4 +280,4 @@ def write_data_table(root: Path, stack: ParticleStack, pp: dict, pixel: float, h
     return rf.write_data_star(Path(f"{root}_data.star"), optics, particles)
 
 
-__all__ = ["check_particles_input", "checkpoint_path", "group_tables", "require_checkpoint", "save_run_checkpoint", "current_client", "particle_diameter_px", "initial_noise", "input_store", "per_particle_init", "write_data_table"]
+__all__ = ["check_particles_input", "checkpoint_path", "group_tables", "require_checkpoint", "save_run_checkpoint", "current_client", "particle_diameter_px", "shared_pixel_size", "used_optics_groups", "initial_noise", "input_store", "per_particle_init", "write_data_table"]
