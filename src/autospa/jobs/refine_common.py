@@ -20,6 +20,7 @@ from autospa.io.relion_particles import import_particles, source_signature
 from autospa.io.zarr_store import open_store, read_store_images
 from autospa.refinement import init as rinit
 from autospa.refinement import mstep
+from autospa.numerics.masks import background_mean_std
 from autospa.refinement.estep import EStepModel, Sampling, soft_mask_background
 from autospa.refinement.state import ModelState
 from autospa.refinement.statistics import SufficientStats
@@ -38,6 +39,42 @@ def check_particles_input(path: str | Path) -> Path:
     if not src.is_dir() and src.suffix.lower() != ".star":
         raise InputError(src, "input must be a particles .star file or a particle store (.zarr folder)")
     return src
+
+
+def check_numeric_options(src: str | Path | None, opts) -> None:
+    """The numbers shared by the refinement jobs' options are in range (cheap, before a cluster
+    starts); options a job does not have are skipped.
+
+    Raises
+    ------
+    InputError
+        ``--particle_diameter`` not positive, ``--offset_range`` negative, ``--offset_step``,
+        ``--psi_step``, ``--tau2_fudge`` not positive, ``--iter`` or ``--pad`` below 1, or
+        ``--adaptive_fraction`` outside (0, 1].
+    """
+    def bad(flag: str, value, need: str) -> InputError:
+        return InputError(src, f"{flag} must be {need} (got {value:g})")
+
+    d = getattr(opts, "particle_diameter_a", None)
+    if d is not None and not d > 0:
+        raise bad("--particle_diameter", d, "positive (Angstrom)")
+    for attr, flag in (("offset_step_px", "--offset_step"), ("psi_step_deg", "--psi_step"), ("tau2_fudge", "--tau2_fudge")):
+        v = getattr(opts, attr, None)
+        if v is not None and not v > 0:
+            raise bad(flag, v, "positive")
+    v = getattr(opts, "offset_range_px", None)
+    if v is not None and not v >= 0:
+        raise bad("--offset_range", v, "zero or positive")
+    for attr in ("n_iter", "max_iter"):
+        v = getattr(opts, attr, None)
+        if v is not None and v < 1:
+            raise bad("--iter", v, "at least 1")
+    v = getattr(opts, "pad", None)
+    if v is not None and v < 1:
+        raise bad("--pad", v, "at least 1")
+    v = getattr(opts, "adaptive_fraction", None)
+    if v is not None and not 0 < v <= 1:
+        raise bad("--adaptive_fraction", v, "in (0, 1]")
 
 
 def input_store(input_path: str | Path, output_root: str | Path, chunk: int = 1024) -> Path:
@@ -167,9 +204,48 @@ def group_tables(sigma2: torch.Tensor, table: ParticleTable, stack: ParticleStac
     return groups, noise
 
 
+def check_normalisation(images: torch.Tensor, indices: np.ndarray, radius_px: float, image_names=None,
+                        source: str | Path | None = None) -> None:
+    """RELION's check that particles are normalised (relion_preprocess --norm): the background
+    outside the particle circle must have ``|mean / std| <= 0.5`` and ``0.5 <= std <= 2``.
+
+    Parameters
+    ----------
+    images
+        ``(M, D, D)`` particles, before masking.
+    indices
+        ``(M,)`` their store indices (for the message).
+    radius_px
+        Half the particle diameter in pixels.
+    image_names
+        ``(N_store,)`` rlnImageName of every particle, or None.
+
+    Raises
+    ------
+    InputError
+        The first image that fails, with its background mean and standard deviation.
+    """
+    mean, std = background_mean_std(images, radius_px)
+    bad = ~((mean / std).abs() <= 0.5) | ~(std >= 0.5) | ~(std <= 2.0)
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad)[0])
+        i = int(indices[k])
+        name = f" ({image_names[i]})" if image_names is not None else ""
+        raise InputError(
+            source,
+            f"particle {i + 1}{name} is not normalised: background mean {float(mean[k]):.4g}, standard deviation "
+            f"{float(std[k]):.4g} outside a circle of {round(radius_px)} px (RELION requires mean ~0 and std ~1, "
+            f"as relion_preprocess --norm writes them); normalise the particles, or pass --dont_check_norm",
+        )
+
+
 def initial_noise(store_path: Path, table: ParticleTable, mask: torch.Tensor | None, seed: int,
-                  per_group: int = 1000) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+                  per_group: int = 1000, check_norm_radius_px: float | None = None,
+                  image_names=None) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
     """RELION's initial noise spectra from up to ``per_group`` (zero-masked) particles per optics group.
+
+    With ``check_norm_radius_px``, those particles are first checked to be normalised
+    (:func:`check_normalisation`; ``image_names`` names the offending one).
 
     Returns
     -------
@@ -187,6 +263,9 @@ def initial_noise(store_path: Path, table: ParticleTable, mask: torch.Tensor | N
         members = np.nonzero(table.group == g)[0]
         pick = np.sort(rng.choice(members, size=min(per_group, len(members)), replace=False))
         imgs = torch.from_numpy(read_store_images(store_path, pick))
+        if check_norm_radius_px is not None:
+            source = open_store(store_path).dataset.attrs.get("source_star") or store_path
+            check_normalisation(imgs, pick, check_norm_radius_px, image_names, source)
         if mask is not None:
             imgs = soft_mask_background(imgs, mask)
         ps, isum, cnt = rinit.power_sums(imgs)
@@ -240,6 +319,12 @@ def half_set_estep(
     return stats
 
 
+def image_names(stack: ParticleStack):
+    """``(N,)`` rlnImageName of every particle of a store, or None when it has none."""
+    meta = stack.metadata
+    return meta["ImageName"].to_numpy() if "ImageName" in meta else None
+
+
 def per_particle_init(stack: ParticleStack, table: ParticleTable) -> dict:
     """Per-particle poses and scores from the input's metadata (zeros where absent)."""
     meta = stack.metadata
@@ -280,4 +365,4 @@ def write_data_table(root: Path, stack: ParticleStack, pp: dict, pixel: float, h
     return rf.write_data_star(Path(f"{root}_data.star"), optics, particles)
 
 
-__all__ = ["check_particles_input", "checkpoint_path", "group_tables", "require_checkpoint", "save_run_checkpoint", "current_client", "particle_diameter_px", "shared_pixel_size", "used_optics_groups", "initial_noise", "input_store", "per_particle_init", "write_data_table"]
+__all__ = ["check_numeric_options", "check_particles_input", "checkpoint_path", "group_tables", "require_checkpoint", "save_run_checkpoint", "current_client", "particle_diameter_px", "shared_pixel_size", "used_optics_groups", "check_normalisation", "image_names", "initial_noise", "input_store", "per_particle_init", "write_data_table"]
