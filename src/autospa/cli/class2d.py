@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ctf", action="store_true", help="CTF correction")
     p.add_argument("--zero_mask", action="store_true", default=True, help="mask the particles' surroundings to the background mean (default on)")
     p.add_argument("--no_zero_mask", dest="zero_mask", action="store_false", help="do not mask the particles")
+    p.add_argument("--dont_check_norm", dest="check_norm", action="store_false", default=True,
+                   help="skip RELION's check that the particles are normalised (background mean 0, std 1)")
     p.add_argument("--center_classes", action="store_true", help="re-centre the class averages on their centre of mass")
     p.add_argument("--class_inactivity_threshold", type=float, default=0.1, help="VDAM inactive-class substitution threshold (default 0.1)")
     p.add_argument("--grad_write_iter", type=int, default=10, help="VDAM writes output every N mini-batches (default 10)")
@@ -85,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         offset_step_px=args.offset_step,
         ctf=args.ctf,
         zero_mask=args.zero_mask,
+        check_norm=args.check_norm,
         center_classes=args.center_classes,
         class_inactivity_threshold=args.class_inactivity_threshold,
         grad_write_iter=args.grad_write_iter,

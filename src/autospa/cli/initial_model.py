@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="CTF correction (default on when the particles have defocus values)")
     p.add_argument("--no_ctf", dest="ctf", action="store_false", help="no CTF correction")
     p.add_argument("--no_zero_mask", dest="zero_mask", action="store_false", default=True, help="do not mask the particles")
+    p.add_argument("--dont_check_norm", dest="check_norm", action="store_false", default=True,
+                   help="skip RELION's check that the particles are normalised (background mean 0, std 1)")
     p.add_argument("--grad_write_iter", type=int, default=10, help="write output every N iterations (default 10)")
     p.add_argument("--pad", type=int, default=1, help="padding factor (default 1, as RELION's initial model)")
     p.add_argument("--random_seed", type=int, default=1, help="random seed (default 1)")
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         input=str(args.input) if args.input else "", output=args.output, n_classes=args.K, n_iter=args.iter,
         symmetry=args.sym, particle_diameter_a=args.particle_diameter, tau2_fudge=args.tau2_fudge,
         healpix_order=args.healpix_order, max_healpix_order=max(args.healpix_order, args.max_healpix_order),
-        offset_range_px=args.offset_range, offset_step_px=args.offset_step, ctf=args.ctf, zero_mask=args.zero_mask,
+        offset_range_px=args.offset_range, offset_step_px=args.offset_step, ctf=args.ctf, zero_mask=args.zero_mask, check_norm=args.check_norm,
         grad_write_iter=args.grad_write_iter, pad=args.pad, random_seed=args.random_seed, maxsig=args.maxsig,
         final_em_iter=args.final_em_iter, device=device, torch_threads=args.torch_threads,
         command_line="autospa " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

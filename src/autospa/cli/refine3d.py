@@ -48,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="CTF correction (default on when the particles have defocus values)")
     p.add_argument("--no_ctf", dest="ctf", action="store_false", help="no CTF correction")
     p.add_argument("--no_zero_mask", dest="zero_mask", action="store_false", default=True, help="do not mask the particles")
+    p.add_argument("--dont_check_norm", dest="check_norm", action="store_false", default=True,
+                   help="skip RELION's check that the particles are normalised (background mean 0, std 1)")
     p.add_argument("--pad", type=int, default=2, help="padding factor (default 2)")
     p.add_argument("--random_seed", type=int, default=1, help="random seed of the half-set split (default 1)")
     p.add_argument("--torch_threads", type=int, default=0, help="torch threads per task (default: cores / workers)")
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         healpix_order=args.healpix_order, max_healpix_order=max(args.healpix_order, args.max_healpix_order),
         auto_local_healpix_order=args.auto_local_healpix_order, maxsig=args.maxsig,
         offset_range_px=args.offset_range, offset_step_px=args.offset_step, max_iter=args.max_iter,
-        tau2_fudge=args.tau2_fudge, ctf=args.ctf, zero_mask=args.zero_mask, pad=args.pad, random_seed=args.random_seed,
+        tau2_fudge=args.tau2_fudge, ctf=args.ctf, zero_mask=args.zero_mask, check_norm=args.check_norm, pad=args.pad, random_seed=args.random_seed,
         device=device, torch_threads=args.torch_threads,
         command_line="autospa " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )

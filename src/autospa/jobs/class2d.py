@@ -28,8 +28,8 @@ from autospa.io import refine_files as rf
 from autospa.io.zarr_store import open_store
 from autospa.jobs.refine_common import (
     checkpoint_path, group_tables, require_checkpoint, save_run_checkpoint,
-    check_particles_input, current_client, initial_noise,
-    input_store, particle_diameter_px, per_particle_init, write_data_table,
+    check_numeric_options, check_particles_input, current_client, initial_noise,
+    image_names, input_store, particle_diameter_px, per_particle_init, shared_pixel_size, write_data_table,
 )
 from autospa.jobs.registry import check_abort, job_device, option_bool, option_float, option_int, register_job, resolve_path, succeed
 from autospa.numerics.masks import soft_circular_mask
@@ -102,6 +102,7 @@ class Class2DOptions:
     offset_step_px: float = 1.0
     ctf: bool = False
     zero_mask: bool = True
+    check_norm: bool = True
     center_classes: bool = False
     class_inactivity_threshold: float = 0.1
     grad_write_iter: int = 10
@@ -148,6 +149,7 @@ def check_input(opts: Class2DOptions, continue_: bool = False) -> None:
     src = check_particles_input(opts.input)
     if opts.n_classes < 1:
         raise InputError(src, f"--K must be at least 1 (got {opts.n_classes})")
+    check_numeric_options(src, opts)
 
 
 def particle_table(stack: ParticleStack, use_ctf: bool) -> ParticleTable:
@@ -158,7 +160,7 @@ def particle_table(stack: ParticleStack, use_ctf: bool) -> ParticleTable:
     groups_1b = meta["OpticsGroup"].to_numpy(np.int64) if "OpticsGroup" in meta else np.ones(n, np.int64)
     group_ids = sorted(set(groups_1b.tolist()))
     group = np.searchsorted(np.array(group_ids), groups_1b).astype(np.int64)
-    pixel = float(stack.pixel_size_a)
+    pixel = shared_pixel_size(stack)
     params = None
     premult = None
     if use_ctf:
@@ -203,7 +205,9 @@ def coarse_window(psi_step_deg: float, current_size: int, min_size: int = 10) ->
 
 def _initialise(opts, stack: ParticleStack, store_path: Path, table: ParticleTable, mask: torch.Tensor | None, gen: torch.Generator) -> ModelState:
     box = stack.box
-    sigma2, pick, imgs = initial_noise(store_path, table, mask, opts.random_seed)
+    sigma2, pick, imgs = initial_noise(store_path, table, mask, opts.random_seed,
+                                       check_norm_radius_px=particle_diameter_px(opts, stack) / 2 if opts.check_norm else None,
+                                       image_names=image_names(stack))
     ctf = ctf_images(None if table.ctf_params is None else table.ctf_params[pick], len(pick), box, table.pixel_size_a, torch.device("cpu"))
     k = opts.n_classes
     seeds = rinit.seed_maps(imgs, ctf, k, sigma2[0].to(torch.float32), gen, pad=opts.pad)

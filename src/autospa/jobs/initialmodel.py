@@ -35,8 +35,8 @@ from autospa.io.zarr_store import open_store
 from autospa.jobs.class2d import IterationInfo, circular_mask, particle_table
 from autospa.jobs.refine_common import (
     checkpoint_path, group_tables, require_checkpoint, save_run_checkpoint,
-    check_particles_input, current_client, initial_noise,
-    POSE_KEYS, half_set_estep, input_store, particle_diameter_px, per_particle_init, write_data_table,
+    check_numeric_options, check_particles_input, current_client, initial_noise,
+    POSE_KEYS, half_set_estep, image_names, input_store, particle_diameter_px, per_particle_init, write_data_table,
 )
 from autospa.jobs.registry import check_abort, job_device, option_bool, option_float, option_int, register_job, resolve_path, succeed
 from autospa.numerics.sampling import angular_sampling_deg
@@ -99,6 +99,7 @@ class InitialModelOptions:
     offset_step_px: float = 2.0
     ctf: bool = True
     zero_mask: bool = True
+    check_norm: bool = True
     grad_write_iter: int = 10
     mu: float = 0.9
     pad: int = 1
@@ -121,6 +122,7 @@ def check_input(opts: InitialModelOptions, continue_: bool = False) -> None:
     src = check_particles_input(opts.input)
     if opts.n_classes < 1:
         raise InputError(src, f"--K must be at least 1 (got {opts.n_classes})")
+    check_numeric_options(src, opts)
     if opts.n_iter < 1:
         raise InputError(src, f"--iter must be at least 1 (got {opts.n_iter})")
     if opts.final_em_iter < 0:
@@ -158,7 +160,9 @@ def use_ctf(stack: ParticleStack, requested: bool) -> bool:
 def _initialise(opts: InitialModelOptions, stack: ParticleStack, store_path: Path, table: ParticleTable,
                 mask: torch.Tensor | None, gen: torch.Generator) -> ModelState:
     box = stack.box
-    sigma2, pick, imgs = initial_noise(store_path, table, mask, opts.random_seed)
+    sigma2, pick, imgs = initial_noise(store_path, table, mask, opts.random_seed,
+                                       check_norm_radius_px=particle_diameter_px(opts, stack) / 2 if opts.check_norm else None,
+                                       image_names=image_names(stack))
     ctf = ctf_images(None if table.ctf_params is None else table.ctf_params[pick], len(pick), box, table.pixel_size_a,
                      torch.device("cpu"))
     seeds = rinit.seed_maps(imgs, ctf, opts.n_classes, sigma2[0].to(torch.float32), gen, pad=opts.pad, ndim=3)

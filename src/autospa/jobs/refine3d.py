@@ -38,8 +38,8 @@ from autospa.jobs.initialmodel import coarse_window_3d, model_star_3d, use_ctf
 from autospa.jobs.postprocess import PostprocessJob, run_postprocess
 from autospa.jobs.refine_common import (
     checkpoint_path, require_checkpoint,
-    check_particles_input, current_client, initial_noise,
-    half_set_estep, input_store, particle_diameter_px, per_particle_init, write_data_table,
+    check_numeric_options, check_particles_input, current_client, initial_noise,
+    half_set_estep, image_names, input_store, particle_diameter_px, per_particle_init, write_data_table,
 )
 from autospa.jobs.registry import check_abort, job_device, option_bool, option_float, register_job, resolve_path, succeed
 from autospa.conventions import euler_to_matrix
@@ -113,6 +113,7 @@ class Refine3DOptions:
     tau2_fudge: float = 1.0
     ctf: bool = True
     zero_mask: bool = True
+    check_norm: bool = True
     pad: int = 2
     random_seed: int = 1
     adaptive_fraction: float = 0.999
@@ -131,6 +132,7 @@ def check_input(opts: Refine3DOptions, continue_: bool = False) -> None:
         require_checkpoint(opts.output)
         return
     src = check_particles_input(opts.input)
+    check_numeric_options(src, opts)
     ref = Path(opts.reference)
     if not ref.is_file():
         raise InputError(ref, "reference map does not exist (--ref)")
@@ -305,7 +307,7 @@ def run_refine3d(
     store_path = input_store(opts.input, opts.output, opts.store_chunk) if not continue_ else Path(ck["store"])
     stack = open_store(store_path)
     table = particle_table(stack, use_ctf(stack, opts.ctf))
-    n, box, pix = len(stack), stack.box, float(stack.pixel_size_a)
+    n, box, pix = len(stack), stack.box, table.pixel_size_a
     diameter_px = particle_diameter_px(opts, stack)
     mask = circular_mask(box, diameter_px / 2) if opts.zero_mask else None
     if continue_:
@@ -317,7 +319,9 @@ def run_refine3d(
         fsc = ck["fsc"]
     else:
         half = _halves(stack, opts.random_seed)
-        sigma2, pick, imgs = initial_noise(store_path, table, mask, opts.random_seed)
+        sigma2, pick, imgs = initial_noise(store_path, table, mask, opts.random_seed,
+                                           check_norm_radius_px=particle_diameter_px(opts, stack) / 2 if opts.check_norm else None,
+                                           image_names=image_names(stack))
         ref = reference_on_particle_grid(opts.reference, box, pix)
         ref = low_pass(ref.to(torch.float64), opts.ini_high, pix).to(torch.float32)
         from autospa.distributed.map_reduce import ctf_images

@@ -20,6 +20,7 @@ from autospa.io.relion_particles import import_particles, source_signature
 from autospa.io.zarr_store import open_store, read_store_images
 from autospa.refinement import init as rinit
 from autospa.refinement import mstep
+from autospa.numerics.masks import background_mean_std
 from autospa.refinement.estep import EStepModel, Sampling, soft_mask_background
 from autospa.refinement.state import ModelState
 from autospa.refinement.statistics import SufficientStats
@@ -38,6 +39,42 @@ def check_particles_input(path: str | Path) -> Path:
     if not src.is_dir() and src.suffix.lower() != ".star":
         raise InputError(src, "input must be a particles .star file or a particle store (.zarr folder)")
     return src
+
+
+def check_numeric_options(src: str | Path | None, opts) -> None:
+    """The numbers shared by the refinement jobs' options are in range (cheap, before a cluster
+    starts); options a job does not have are skipped.
+
+    Raises
+    ------
+    InputError
+        ``--particle_diameter`` not positive, ``--offset_range`` negative, ``--offset_step``,
+        ``--psi_step``, ``--tau2_fudge`` not positive, ``--iter`` or ``--pad`` below 1, or
+        ``--adaptive_fraction`` outside (0, 1].
+    """
+    def bad(flag: str, value, need: str) -> InputError:
+        return InputError(src, f"{flag} must be {need} (got {value:g})")
+
+    d = getattr(opts, "particle_diameter_a", None)
+    if d is not None and not d > 0:
+        raise bad("--particle_diameter", d, "positive (Angstrom)")
+    for attr, flag in (("offset_step_px", "--offset_step"), ("psi_step_deg", "--psi_step"), ("tau2_fudge", "--tau2_fudge")):
+        v = getattr(opts, attr, None)
+        if v is not None and not v > 0:
+            raise bad(flag, v, "positive")
+    v = getattr(opts, "offset_range_px", None)
+    if v is not None and not v >= 0:
+        raise bad("--offset_range", v, "zero or positive")
+    for attr in ("n_iter", "max_iter"):
+        v = getattr(opts, attr, None)
+        if v is not None and v < 1:
+            raise bad("--iter", v, "at least 1")
+    v = getattr(opts, "pad", None)
+    if v is not None and v < 1:
+        raise bad("--pad", v, "at least 1")
+    v = getattr(opts, "adaptive_fraction", None)
+    if v is not None and not 0 < v <= 1:
+        raise bad("--adaptive_fraction", v, "in (0, 1]")
 
 
 def input_store(input_path: str | Path, output_root: str | Path, chunk: int = 1024) -> Path:
@@ -62,11 +99,48 @@ def input_store(input_path: str | Path, output_root: str | Path, chunk: int = 10
     return store
 
 
+def used_optics_groups(stack: ParticleStack) -> np.ndarray:
+    """``(G,)`` sorted int64 optics group numbers (1-based) that at least one particle uses."""
+    meta = stack.metadata
+    if "OpticsGroup" in meta:
+        return np.unique(meta["OpticsGroup"].to_numpy(np.int64))
+    return np.ones(1, np.int64)
+
+
+def shared_pixel_size(stack: ParticleStack) -> float:
+    """The pixel size (Angstrom) of the optics groups the particles use, which must agree.
+
+    Optics groups no particle uses (a subset keeps RELION's whole data_optics table) are ignored.
+
+    Raises
+    ------
+    InputError
+        No pixel size, or the used optics groups have different pixel sizes (RELION rescales them
+        to the first group's; autospa refines at one pixel size).
+    """
+    src = stack.dataset.attrs.get("source_star") or stack.store_path or "particles"
+    optics = stack.optics
+    if optics.empty or "rlnImagePixelSize" not in optics or "rlnOpticsGroup" not in optics:
+        raise InputError(src, "the optics table has no rlnImagePixelSize")
+    apix = dict(zip(optics["rlnOpticsGroup"].astype(int), optics["rlnImagePixelSize"].astype(float), strict=True))
+    used = used_optics_groups(stack)
+    missing = [int(g) for g in used if int(g) not in apix]
+    if missing:
+        raise InputError(src, f"particles use optics group(s) {missing}, which the optics table does not define")
+    values = {int(g): apix[int(g)] for g in used}
+    if len(set(values.values())) != 1:
+        detail = ", ".join(f"group {g}: {v:g} A" for g, v in values.items())
+        raise InputError(src, f"optics groups have different pixel sizes ({detail}); autospa refines at one pixel "
+                              "size: rescale the particles to a common pixel size (e.g. re-extract with --rescale) "
+                              "or process the groups separately")
+    return next(iter(values.values()))
+
+
 def particle_diameter_px(opts, stack: ParticleStack) -> float:
     """``opts.particle_diameter_a`` in pixels of the stack (default 75 % of the box), checked."""
     if opts.particle_diameter_a is None:
         return 0.75 * stack.box
-    d = opts.particle_diameter_a / float(stack.pixel_size_a)
+    d = opts.particle_diameter_a / shared_pixel_size(stack)
     if d <= 2 or d > 2 * stack.box:
         raise InputError(opts.input, f"--particle_diameter {opts.particle_diameter_a} A is {d:.1f} px for a box of {stack.box} px")
     return min(d, stack.box - 2.0)
@@ -110,10 +184,17 @@ def group_tables(sigma2: torch.Tensor, table: ParticleTable, stack: ParticleStac
     n_groups = int(table.group.max()) + 1
     counts = np.bincount(table.group, minlength=n_groups)
     optics = stack.optics
-    names = optics["rlnOpticsGroupName"].tolist() if "rlnOpticsGroupName" in optics else [f"opticsGroup{g + 1}" for g in range(n_groups)]
-    groups = pd.DataFrame({"rlnGroupNumber": np.arange(1, n_groups + 1), "rlnGroupName": names[:n_groups],
+    used = used_optics_groups(stack)
+    if len(used) != n_groups:
+        used = np.arange(1, n_groups + 1)
+    if "rlnOpticsGroupName" in optics and "rlnOpticsGroup" in optics:
+        name_of = dict(zip(optics["rlnOpticsGroup"].astype(int), optics["rlnOpticsGroupName"].astype(str), strict=True))
+        names = [name_of.get(int(g), f"opticsGroup{int(g)}") for g in used]
+    else:
+        names = [f"opticsGroup{int(g)}" for g in used]
+    groups = pd.DataFrame({"rlnGroupNumber": np.arange(1, n_groups + 1), "rlnGroupName": names,
                            "rlnGroupNrParticles": counts, "rlnGroupScaleCorrection": np.ones(n_groups)})
-    rescols = rf.resolution_columns(sigma2.shape[1], stack.box, float(stack.pixel_size_a))
+    rescols = rf.resolution_columns(sigma2.shape[1], stack.box, shared_pixel_size(stack))
     noise = []
     for g in range(n_groups):
         s2 = sigma2[g].cpu().numpy()
@@ -123,9 +204,48 @@ def group_tables(sigma2: torch.Tensor, table: ParticleTable, stack: ParticleStac
     return groups, noise
 
 
+def check_normalisation(images: torch.Tensor, indices: np.ndarray, radius_px: float, image_names=None,
+                        source: str | Path | None = None) -> None:
+    """RELION's check that particles are normalised (relion_preprocess --norm): the background
+    outside the particle circle must have ``|mean / std| <= 0.5`` and ``0.5 <= std <= 2``.
+
+    Parameters
+    ----------
+    images
+        ``(M, D, D)`` particles, before masking.
+    indices
+        ``(M,)`` their store indices (for the message).
+    radius_px
+        Half the particle diameter in pixels.
+    image_names
+        ``(N_store,)`` rlnImageName of every particle, or None.
+
+    Raises
+    ------
+    InputError
+        The first image that fails, with its background mean and standard deviation.
+    """
+    mean, std = background_mean_std(images, radius_px)
+    bad = ~((mean / std).abs() <= 0.5) | ~(std >= 0.5) | ~(std <= 2.0)
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad)[0])
+        i = int(indices[k])
+        name = f" ({image_names[i]})" if image_names is not None else ""
+        raise InputError(
+            source,
+            f"particle {i + 1}{name} is not normalised: background mean {float(mean[k]):.4g}, standard deviation "
+            f"{float(std[k]):.4g} outside a circle of {round(radius_px)} px (RELION requires mean ~0 and std ~1, "
+            f"as relion_preprocess --norm writes them); normalise the particles, or pass --dont_check_norm",
+        )
+
+
 def initial_noise(store_path: Path, table: ParticleTable, mask: torch.Tensor | None, seed: int,
-                  per_group: int = 1000) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+                  per_group: int = 1000, check_norm_radius_px: float | None = None,
+                  image_names=None) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
     """RELION's initial noise spectra from up to ``per_group`` (zero-masked) particles per optics group.
+
+    With ``check_norm_radius_px``, those particles are first checked to be normalised
+    (:func:`check_normalisation`; ``image_names`` names the offending one).
 
     Returns
     -------
@@ -143,6 +263,9 @@ def initial_noise(store_path: Path, table: ParticleTable, mask: torch.Tensor | N
         members = np.nonzero(table.group == g)[0]
         pick = np.sort(rng.choice(members, size=min(per_group, len(members)), replace=False))
         imgs = torch.from_numpy(read_store_images(store_path, pick))
+        if check_norm_radius_px is not None:
+            source = open_store(store_path).dataset.attrs.get("source_star") or store_path
+            check_normalisation(imgs, pick, check_norm_radius_px, image_names, source)
         if mask is not None:
             imgs = soft_mask_background(imgs, mask)
         ps, isum, cnt = rinit.power_sums(imgs)
@@ -196,6 +319,12 @@ def half_set_estep(
     return stats
 
 
+def image_names(stack: ParticleStack):
+    """``(N,)`` rlnImageName of every particle of a store, or None when it has none."""
+    meta = stack.metadata
+    return meta["ImageName"].to_numpy() if "ImageName" in meta else None
+
+
 def per_particle_init(stack: ParticleStack, table: ParticleTable) -> dict:
     """Per-particle poses and scores from the input's metadata (zeros where absent)."""
     meta = stack.metadata
@@ -236,4 +365,4 @@ def write_data_table(root: Path, stack: ParticleStack, pp: dict, pixel: float, h
     return rf.write_data_star(Path(f"{root}_data.star"), optics, particles)
 
 
-__all__ = ["check_particles_input", "checkpoint_path", "group_tables", "require_checkpoint", "save_run_checkpoint", "current_client", "particle_diameter_px", "initial_noise", "input_store", "per_particle_init", "write_data_table"]
+__all__ = ["check_numeric_options", "check_particles_input", "checkpoint_path", "group_tables", "require_checkpoint", "save_run_checkpoint", "current_client", "particle_diameter_px", "shared_pixel_size", "used_optics_groups", "check_normalisation", "image_names", "initial_noise", "input_store", "per_particle_init", "write_data_table"]

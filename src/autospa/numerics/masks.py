@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["radius_grid", "soft_circular_mask", "soft_spherical_mask", "soft_mask_outside"]
+__all__ = ["background_mean_std", "radius_grid", "soft_circular_mask", "soft_spherical_mask", "soft_mask_outside"]
 
 
 def radius_grid(
@@ -160,3 +160,31 @@ def soft_mask_outside(
         bg = torch.as_tensor(background, dtype=work.dtype, device=x.device)
     bg = bg.reshape(*bg.shape, *([1] * ndim))
     return (m * work + (1.0 - m) * bg).to(x.dtype)
+
+
+def background_mean_std(images: torch.Tensor, radius_px: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of every image outside a circle, as RELION measures the background.
+
+    RELION (MlOptimiser, the check behind ``--dont_check_norm``) counts the pixels whose squared
+    distance from the centre (``box // 2``) exceeds ``round(radius)**2`` and takes the population
+    standard deviation.
+
+    Parameters
+    ----------
+    images
+        ``(..., n, n)`` real images.
+    radius_px
+        Radius of the particle circle in pixels (half the particle diameter).
+
+    Returns
+    -------
+    tuple
+        ``(mean, std)``, each ``(...,)`` float64; NaN where no pixel lies outside the circle.
+    """
+    n = images.shape[-1]
+    r2 = radius_grid(n, 2, device=images.device, dtype=torch.float64) ** 2
+    bg = r2 > float(round(radius_px)) ** 2
+    vals = images.to(torch.float64)[..., bg]  # (..., m)
+    mean = vals.mean(-1)
+    std = ((vals - mean[..., None]) ** 2).mean(-1).sqrt()
+    return mean, std
