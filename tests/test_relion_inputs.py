@@ -114,3 +114,17 @@ def test_out_of_range_options_are_one_line_errors_before_any_output(
     assert rc == 1
     assert err == f"autospa {command}: error: {star}: {message}"
     assert not (tmp_path / "Job").exists()
+
+
+def test_scheme_jobs_take_dont_check_norm_from_other_args(tmp_path):
+    """RELION users switch the normalisation check off in a job's "Additional arguments"
+    (other_args); the class2d, initial-model and refine3d jobs read it there."""
+    from autospa.jobs import class2d, initialmodel, refine3d
+
+    off = {"fn_img": "particles.star", "fn_ref": "ref.mrc", "other_args": '"--dont_check_norm"'}
+    on = {"fn_img": "particles.star", "fn_ref": "ref.mrc", "other_args": ""}
+    for mod in (class2d, initialmodel, refine3d):
+        assert mod.options_from_job(tmp_path, off).check_norm is False, mod.__name__
+        assert mod.options_from_job(tmp_path, on).check_norm is True, mod.__name__
+    got = refine3d.options_from_job(tmp_path, {**off, "other_args": "--iter 3 --dont_check_norm --maxsig 20"})
+    assert (got.max_iter, got.maxsig, got.check_norm) == (3, 20, False)

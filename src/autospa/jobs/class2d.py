@@ -30,6 +30,7 @@ from autospa.jobs.refine_common import (
     checkpoint_path, group_tables, require_checkpoint, save_run_checkpoint,
     check_numeric_options, check_particles_input, current_client, initial_noise,
     image_names, input_store, particle_diameter_px, per_particle_init, shared_pixel_size, write_data_table,
+    other_args_check_norm,
 )
 from autospa.jobs.registry import check_abort, job_device, option_bool, option_float, option_int, register_job, resolve_path, succeed
 from autospa.numerics.masks import soft_circular_mask
@@ -469,6 +470,7 @@ def options_from_job(job_dir: Path, options: dict[str, str]) -> Class2DOptions:
         ctf=option_bool(options, "do_ctf_correction", True),
         zero_mask=option_bool(options, "do_zero_mask", True),
         center_classes=option_bool(options, "do_center", True),
+        check_norm=other_args_check_norm(options.get("other_args", "")),
     )
 
 

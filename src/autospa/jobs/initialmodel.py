@@ -37,6 +37,7 @@ from autospa.jobs.refine_common import (
     checkpoint_path, group_tables, require_checkpoint, save_run_checkpoint,
     check_numeric_options, check_particles_input, current_client, initial_noise,
     POSE_KEYS, half_set_estep, image_names, input_store, particle_diameter_px, per_particle_init, write_data_table,
+    other_args_check_norm,
 )
 from autospa.jobs.registry import check_abort, job_device, option_bool, option_float, option_int, register_job, resolve_path, succeed
 from autospa.numerics.sampling import angular_sampling_deg
@@ -464,6 +465,7 @@ def options_from_job(job_dir: Path, options: dict[str, str]) -> InitialModelOpti
         particle_diameter_a=option_float(options, "particle_diameter", 200.0),
         tau2_fudge=option_float(options, "tau_fudge", 4.0),
         ctf=option_bool(options, "do_ctf_correction", True),
+        check_norm=other_args_check_norm(options.get("other_args", "")),
     )
 
 

@@ -441,6 +441,8 @@ def options_from_job(job_dir: Path, options: dict[str, str]) -> Refine3DOptions:
 OTHER_ARGS = {"--iter": ("max_iter", int), "--maxsig": ("maxsig", int), "--healpix_order": ("healpix_order", int),
               "--max_healpix_order": ("max_healpix_order", int),
               "--auto_local_healpix_order": ("auto_local_healpix_order", int), "--tau2_fudge": ("tau2_fudge", float)}
+#: Flags (no value) accepted in other_args, and the field and value each sets.
+OTHER_FLAGS = {"--dont_check_norm": ("check_norm", False)}
 
 
 def extra_arguments(job_dir: Path, other_args: str) -> dict:
@@ -453,9 +455,14 @@ def extra_arguments(job_dir: Path, other_args: str) -> dict:
     i = 0
     while i < len(words):
         key = words[i]
+        if key in OTHER_FLAGS:
+            field_name, value = OTHER_FLAGS[key]
+            out[field_name] = value
+            i += 1
+            continue
         if key not in OTHER_ARGS or i + 1 >= len(words):
             raise InputError(Path(job_dir) / "job.star", f"other_args: unsupported argument {key!r} "
-                             f"(accepted: {', '.join(sorted(OTHER_ARGS))}, each with a value)")
+                             f"(accepted: {', '.join(sorted(OTHER_ARGS))}, each with a value; {', '.join(OTHER_FLAGS)})")
         field_name, kind = OTHER_ARGS[key]
         try:
             out[field_name] = kind(words[i + 1])
