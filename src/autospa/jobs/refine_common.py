@@ -365,9 +365,6 @@ def write_data_table(root: Path, stack: ParticleStack, pp: dict, pixel: float, h
     return rf.write_data_star(Path(f"{root}_data.star"), optics, particles)
 
 
-__all__ = ["check_numeric_options", "check_particles_input", "checkpoint_path", "group_tables", "require_checkpoint", "save_run_checkpoint", "current_client", "particle_diameter_px", "shared_pixel_size", "used_optics_groups", "check_normalisation", "image_names", "initial_noise", "input_store", "per_particle_init", "write_data_table", "other_args_check_norm"]
-
-
 def other_args_check_norm(other_args: str) -> bool:
     """Whether a job's "Additional arguments" (other_args) leave RELION's normalisation check on,
     i.e. do not hold ``--dont_check_norm`` (where RELION users switch it off in the GUI)."""
@@ -375,3 +372,5 @@ def other_args_check_norm(other_args: str) -> bool:
 
     return "--dont_check_norm" not in shlex.split(str(other_args or "").strip().strip('"'))
 
+
+__all__ = ["check_numeric_options", "check_particles_input", "checkpoint_path", "group_tables", "require_checkpoint", "save_run_checkpoint", "current_client", "particle_diameter_px", "shared_pixel_size", "used_optics_groups", "check_normalisation", "image_names", "initial_noise", "input_store", "per_particle_init", "write_data_table", "other_args_check_norm"]
