@@ -259,12 +259,13 @@ def initial_noise(store_path: Path, table: ParticleTable, mask: torch.Tensor | N
     rng = np.random.default_rng(seed)
     n_groups = int(table.group.max()) + 1
     picks, images, sig = [], [], []
+    if check_norm_radius_px is not None:
+        source = open_store(store_path).dataset.attrs.get("source_star") or store_path
     for g in range(n_groups):
         members = np.nonzero(table.group == g)[0]
         pick = np.sort(rng.choice(members, size=min(per_group, len(members)), replace=False))
         imgs = torch.from_numpy(read_store_images(store_path, pick))
         if check_norm_radius_px is not None:
-            source = open_store(store_path).dataset.attrs.get("source_star") or store_path
             check_normalisation(imgs, pick, check_norm_radius_px, image_names, source)
         if mask is not None:
             imgs = soft_mask_background(imgs, mask)

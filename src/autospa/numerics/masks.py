@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["background_mean_std", "radius_grid", "soft_circular_mask", "soft_spherical_mask", "soft_mask_outside"]
+__all__ = ["background_mask", "background_mean_std", "radius_grid", "soft_circular_mask", "soft_spherical_mask", "soft_mask_outside"]
 
 
 def radius_grid(
@@ -162,6 +162,13 @@ def soft_mask_outside(
     return (m * work + (1.0 - m) * bg).to(x.dtype)
 
 
+def background_mask(box: int, bg_radius_px: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(box, box)`` bool mask of the background: pixels farther than ``bg_radius_px`` from ``box // 2``."""
+    ar = torch.arange(box, device=device, dtype=torch.float32) - box // 2
+    r2 = ar[:, None] ** 2 + ar[None, :] ** 2
+    return r2 > bg_radius_px**2
+
+
 def background_mean_std(images: torch.Tensor, radius_px: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation of every image outside a circle, as RELION measures the background.
 
@@ -181,9 +188,7 @@ def background_mean_std(images: torch.Tensor, radius_px: float) -> tuple[torch.T
     tuple
         ``(mean, std)``, each ``(...,)`` float64; NaN where no pixel lies outside the circle.
     """
-    n = images.shape[-1]
-    r2 = radius_grid(n, 2, device=images.device, dtype=torch.float64) ** 2
-    bg = r2 > float(round(radius_px)) ** 2
+    bg = background_mask(images.shape[-1], float(round(radius_px)), images.device)
     vals = images.to(torch.float64)[..., bg]  # (..., m)
     mean = vals.mean(-1)
     std = ((vals - mean[..., None]) ** 2).mean(-1).sqrt()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from autospa.numerics.fourier import fourier_rescale
+from autospa.numerics.masks import background_mask
 
 
 def is_fft_friendly(n: int) -> bool:
@@ -133,13 +134,6 @@ def crop_boxes(micrograph: torch.Tensor, coords_px: torch.Tensor, box: int) -> t
     cols = (x0[:, None] + ar[None, :])[:, None, :]  # (k, 1, box)
     boxes = micrograph.to(torch.float32)[rows, cols]
     return boxes, inside.to(torch.bool)
-
-
-def background_mask(box: int, bg_radius_px: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(box, box)`` bool mask of the background: pixels farther than ``bg_radius_px`` from ``box // 2``."""
-    ar = torch.arange(box, device=device, dtype=torch.float32) - box // 2
-    r2 = ar[:, None] ** 2 + ar[None, :] ** 2
-    return r2 > bg_radius_px**2
 
 
 def normalise_background(images: torch.Tensor, bg_radius_px: float, ramp: bool = True) -> torch.Tensor:

@@ -54,6 +54,7 @@ from autospa.conventions import euler_to_matrix
 from autospa.errors import InputError
 from autospa.numerics.ctf import ctf_2d
 from autospa.numerics.fourier import irfft2, phase_ramp_2d, rfft2
+from autospa.numerics.masks import background_mask
 
 log = logging.getLogger(__name__)
 
@@ -472,8 +473,7 @@ def simulate_particles(
         raise InputError(None, "the volumes project to empty images (all zero)")
     sigma = math.sqrt(signal_var / snr) if math.isfinite(snr) else 0.0
     images = torch.empty_like(clean)
-    idx = torch.arange(box, device=device, dtype=torch.float32) - box // 2
-    bg = (idx[:, None] ** 2 + idx[None, :] ** 2) > bg_radius_px**2
+    bg = background_mask(box, bg_radius_px, device)
     for start in range(0, n, _BATCH):
         sl = slice(start, min(n, start + _BATCH))
         noise = torch.randn(sl.stop - sl.start, box, box, generator=_torch_gen(seed, _TAG_NOISE, start // _BATCH))
